@@ -1,0 +1,3 @@
+from qwen25.cli import main
+
+raise SystemExit(main())
