@@ -140,6 +140,7 @@ class ToolCallStreamParser:
                 if close < 0:
                     self._stream_partial(events, _safe_end(self._buf, CLOSE))
                     return events
+                self._stream_partial(events, close)
                 body, self._buf = self._buf[:close], self._buf[close + len(CLOSE):]
                 self._end_block(body, OPEN + body + CLOSE, events)
             else:
@@ -157,6 +158,7 @@ class ToolCallStreamParser:
         """End of the reply: an open block is parsed as is; held text is settled."""
         events: list[Event] = []
         if self._in_call:
+            self._stream_partial(events, len(self._buf))
             body, self._buf = self._buf, ""
             self._end_block(body, OPEN + body, events)
         self._content(self._buf, events)
