@@ -134,14 +134,15 @@ def test_mask_with_a_custom_chatml_template(tmp_path):
 
 
 def test_mask_needs_chatml_tokens(tmp_path):
-    from qwen25.tokenizer.train import train_tokenizer
+    from qwen25.tokenizer import load_tokenizer
 
-    corpus = tmp_path / "c.txt"
-    corpus.write_text("hello world\n" * 50, encoding="utf-8")
-    tok = train_tokenizer([corpus], 300, tmp_path / "tok", show_progress=False)
-    tok.added_tokens = tuple(t for t in tok.added_tokens if t.content != "<|im_start|>")
+    data = json.loads((exported_dir() / "tokenizer.json").read_text(encoding="utf-8"))
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] != "<|im_start|>"]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    tok = load_tokenizer(tmp_path)
     with pytest.raises(ChatError, match="im_start"):
         chat.encode_chat(tok, [{"role": "user", "content": "x"}])
+    assert tok.apply_chat_template([{"role": "user", "content": "x"}])  # ids alone still work
     with pytest.raises(ChatError, match="tokenize=True"):
         builtin().apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
                                       return_assistant_mask=True)

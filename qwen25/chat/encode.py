@@ -98,9 +98,11 @@ def render_text(tokenizer: Tokenizer, messages: list[dict], tools: list | None,
     """Rendered text with the tokenizer's template (the fast Python one when it is Qwen's)."""
     if uses_builtin_template(tokenizer):
         return render(messages, tools, add_generation_prompt)
+    # transformers passes the special tokens that are set; unset ones stay undefined ("").
+    tokens = {"eos_token": tokenizer.eos_token, "pad_token": tokenizer.pad_token,
+              "bos_token": tokenizer.bos_token}
     return render_jinja(tokenizer.chat_template, messages, tools, add_generation_prompt,
-                        eos_token=tokenizer.eos_token, pad_token=tokenizer.pad_token,
-                        bos_token=tokenizer.bos_token or "")
+                        **{k: v for k, v in tokens.items() if v is not None})
 
 
 def encode_chat(tokenizer: Tokenizer, messages: list[dict], tools: list | None = None,

@@ -124,8 +124,7 @@ class TiktokenEngine:
         # `Tokenizer`, so this engine only ever sees plain text.
         self._core = tiktoken.Encoding("qwen25", pat_str=pattern, mergeable_ranks=ranks,
                                        special_tokens={})._core_bpe
-        self._pool: ThreadPoolExecutor | None = None
-        self._pool_size = 0
+        self._pools: dict[tuple[int, int], ThreadPoolExecutor] = {}  # (pid, threads) -> pool
         self._lock = threading.Lock()
 
     def encode(self, text: str) -> list[int]:
@@ -165,13 +164,13 @@ class TiktokenEngine:
         return out
 
     def _get_pool(self, num_threads: int) -> ThreadPoolExecutor:
+        # Keyed by pid: a forked child (e.g. a DataLoader worker) inherits the pool object
+        # but not its threads, and would wait forever on it.
+        key = (os.getpid(), num_threads)
         with self._lock:
-            if self._pool is None or self._pool_size != num_threads:
-                if self._pool is not None:
-                    self._pool.shutdown(wait=False)
-                self._pool = ThreadPoolExecutor(num_threads, thread_name_prefix="qwen25-tok")
-                self._pool_size = num_threads
-            return self._pool
+            if key not in self._pools:
+                self._pools[key] = ThreadPoolExecutor(num_threads, thread_name_prefix="qwen25-tok")
+            return self._pools[key]
 
 
 def _balanced_chunks(texts: list[str], n_chunks: int) -> list[list[str]]:

@@ -229,7 +229,9 @@ def _tokenizer_from_json(data: dict, added: list[AddedToken], config: dict, fold
 
 
 # ---- saving --------------------------------------------------------------------------
-def tokenizer_config(tok: Tokenizer) -> dict:
+def tokenizer_config(added: tuple[AddedToken, ...] | list[AddedToken], eos_token: str | None,
+                     pad_token: str | None, bos_token: str | None, chat_template: str | None,
+                     model_max_length: int | None = None) -> dict:
     """tokenizer_config.json in the released Qwen2.5 style (spec §2.3)."""
     return {
         "add_bos_token": False,
@@ -237,16 +239,15 @@ def tokenizer_config(tok: Tokenizer) -> dict:
         "added_tokens_decoder": {
             str(t.id): {"content": t.content, "lstrip": False, "normalized": False,
                         "rstrip": False, "single_word": False, "special": t.special}
-            for t in tok.added_tokens},
-        "additional_special_tokens": [t.content for t in tok.added_tokens
-                                      if t.special and t.content != tok.pad_token],
-        "bos_token": tok.bos_token,
-        "chat_template": tok.chat_template,
+            for t in added},
+        "additional_special_tokens": [t.content for t in added if t.special and t.content != pad_token],
+        "bos_token": bos_token,
+        "chat_template": chat_template,
         "clean_up_tokenization_spaces": False,
-        "eos_token": tok.eos_token,
+        "eos_token": eos_token,
         "errors": "replace",
-        "model_max_length": tok.model_max_length or qwen.MODEL_MAX_LENGTH,
-        "pad_token": tok.pad_token,
+        "model_max_length": model_max_length or qwen.MODEL_MAX_LENGTH,
+        "pad_token": pad_token,
         "split_special_tokens": False,
         "tokenizer_class": "Qwen2Tokenizer",
         "unk_token": None,
@@ -254,17 +255,27 @@ def tokenizer_config(tok: Tokenizer) -> dict:
 
 
 def save_folder(tok: Tokenizer, path: str | os.PathLike) -> list[str]:
+    """`Tokenizer.save_pretrained`: see `write_folder`."""
+    config = tokenizer_config(tok.added_tokens, tok.eos_token, tok.pad_token, tok.bos_token,
+                              tok.chat_template, tok.model_max_length)
+    return write_folder(path, tok._source, tok.added_tokens, config)
+
+
+def write_folder(path: str | os.PathLike, source: BuiltinSource | JsonSource,
+                 added: tuple[AddedToken, ...] | list[AddedToken], config: dict) -> list[str]:
     """Write tokenizer.json, vocab.json, merges.txt, tokenizer_config.json into `path`.
     Each file goes to a temporary name first and is renamed into place."""
     folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    source = tok._source
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TokenizerFileError(f"cannot create {folder}: {e.strerror}") from None
     vocab, merges = source.vocab_and_merges()
     files = {
-        "tokenizer.json": json.dumps(source.tokenizer_json(tok.added_tokens), ensure_ascii=False),
+        "tokenizer.json": json.dumps(source.tokenizer_json(tuple(added)), ensure_ascii=False),
         "vocab.json": json.dumps(vocab, ensure_ascii=False),
         "merges.txt": "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
-        "tokenizer_config.json": json.dumps(tokenizer_config(tok), ensure_ascii=False, indent=2),
+        "tokenizer_config.json": json.dumps(config, ensure_ascii=False, indent=2),
     }
     for name, text in files.items():
         _atomic_write(folder / name, text)

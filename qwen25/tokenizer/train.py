@@ -20,7 +20,8 @@ from pathlib import Path
 from qwen25.errors import UserError
 from qwen25.tokenizer import qwen
 from qwen25.tokenizer.core import AddedToken, Tokenizer
-from qwen25.tokenizer.hf import JsonSource, build_tokenizer_json, load_tokenizer, save_folder
+from qwen25.tokenizer.hf import (JsonSource, build_tokenizer_json, load_tokenizer, tokenizer_config,
+                                write_folder)
 
 _CHUNK_CHARS = 1 << 20  # text handed to the trainer per item
 
@@ -64,21 +65,17 @@ def train_tokenizer(files: Sequence[str | os.PathLike], vocab_size: int, out: st
         if not Path(name).is_file():
             raise UserError(f"training file {name} not found")
 
-    template = HFTokenizer.from_str(json.dumps(build_tokenizer_json({}, [], [])))
+    hf = HFTokenizer.from_str(json.dumps(build_tokenizer_json({}, [], [])))  # empty BPE, Qwen pipeline
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - n_controls, min_frequency=min_frequency,
                                   show_progress=show_progress, special_tokens=[],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    template.train_from_iterator(_read_texts(files), trainer=trainer)
+    hf.train_from_iterator(_read_texts(files), trainer=trainer)
 
-    data = json.loads(template.to_str())
+    data = json.loads(hf.to_str())
     n_regular = len(data["model"]["vocab"])
     added = [AddedToken(n_regular + i, text, special)
              for i, (text, special) in enumerate(qwen.CONTROL_TOKENS)]
-    data["added_tokens"] = []
-    shell = Tokenizer(engine=None, regular=[b""] * n_regular, added=added,
-                      eos_token=qwen.EOS_TOKEN, pad_token=qwen.PAD_TOKEN, bos_token=None,
-                      chat_template=qwen.chat_template(), model_max_length=qwen.MODEL_MAX_LENGTH,
-                      source=JsonSource(data))
-    save_folder(shell, out)
+    config = tokenizer_config(added, qwen.EOS_TOKEN, qwen.PAD_TOKEN, None, qwen.chat_template())
+    write_folder(out, JsonSource(data), added, config)
     return load_tokenizer(out)
 
