@@ -138,6 +138,17 @@ def test_exported_folder_round_trips_through_our_loader(tmp_path):
         assert (tmp_path / "resaved" / name).read_bytes() == (folder / name).read_bytes()
 
 
+def test_released_style_tokenizer_json_is_recognised(tmp_path):
+    # Released Qwen2.5 folders write merges as "a b" strings and omit newer BPE keys.
+    data = json.loads((exported_dir() / "tokenizer.json").read_text(encoding="utf-8"))
+    data["model"]["merges"] = [" ".join(m) for m in data["model"]["merges"]]
+    data["model"].pop("ignore_merges", None)
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    tok = load_tokenizer(tmp_path / "tokenizer.json")  # the file itself is accepted too
+    assert isinstance(tok._engine, TiktokenEngine)
+    assert tok.encode("Hello <|im_end|>", allow_special=True) == [9707, 220, 151_645]
+
+
 def test_a_modified_vocabulary_is_encoded_by_hf_tokenizers(tmp_path):
     # Same pipeline, one merge removed: no longer the official vocabulary -> HF engine,
     # whose ids we do not compute ourselves.
