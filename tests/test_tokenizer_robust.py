@@ -9,6 +9,7 @@ enough for tiktoken (16k-60k characters). The timeouts only catch hangs.
 from __future__ import annotations
 
 import random
+import unicodedata
 
 import pytest
 from hypothesis import given, settings
@@ -16,7 +17,7 @@ from hypothesis import strategies as st
 from test_tokenizer_support import builtin, hf_plain, tiktoken_reference
 
 from qwen25.errors import UserError
-from qwen25.tokenizer.engine import _SAMPLE, _long_blank_runs
+from qwen25.tokenizer.engine import _BLANK, _SAMPLE, _long_blank_runs
 
 MB = 1_000_000
 pytestmark = pytest.mark.timeout(300)
@@ -122,3 +123,15 @@ def test_decoding_invalid_utf8_replaces_never_raises():
     ids = [tok.token_to_id("ÿ"), tok.token_to_id("ä"), tok.token_to_id("½"), tok.token_to_id("a")]
     assert tok.decode(ids) == b"\xff\xe4\xbda".decode("utf-8", errors="replace")
     assert tok.decode([10**9, -1, 151_700, 9707]) == "Hello"  # unknown ids drop, as in HF
+
+
+def test_blank_set_is_unicode_white_space_without_newlines():
+    # `\s` in tiktoken's regex engine is Unicode White_Space; the guard must know the same set.
+    import regex
+
+    everything = "".join(chr(c) for c in range(0x110000) if not 0xD800 <= c < 0xE000)
+    white = set(regex.findall(r"\p{White_Space}", everything))
+    assert set(_BLANK) == white - {"\r", "\n"}
+    for ch in white - {"\r", "\n"}:  # and each one behaves as a blank in the guarded path
+        text = "x" + ch * (2 * _SAMPLE + 5) + "y"
+        assert builtin().encode(text) == reference(unicodedata.normalize("NFC", text))

@@ -66,7 +66,7 @@ def nfc(text: str) -> str:
 
     Python's `unicodedata` (Unicode 14 on 3.11) and the tables inside `tokenizers` agree
     except on combining marks assigned recently, which the older tables treat as starters
-    (e.g. "6\U00010f82\u031f" is reordered by Python, kept by HF). Text that Python finds
+    (e.g. "6\\U00010f82\\u031f" is reordered by Python, kept by HF). Text that Python finds
     normalised is normalised for the older tables too, so the fast `is_normalized` check
     stays valid as a filter.
     """
