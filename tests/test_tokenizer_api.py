@@ -103,6 +103,17 @@ def test_allow_special_only_when_asked():
     assert tok.encode(text, allow_special=True) == hf_full().encode(text, add_special_tokens=False).ids
 
 
+def test_tokenizers_pickle_for_worker_processes(tmp_path):
+    import pickle
+
+    text = "pickled <|im_end|> 你好"
+    for tok in (builtin(), load_tokenizer(exported_dir())):
+        clone = pickle.loads(pickle.dumps(tok))
+        assert clone.encode(text, allow_special=True) == tok.encode(text, allow_special=True)
+        assert clone.encode_batch([text] * 3, num_threads=2) == tok.encode_batch([text] * 3)
+        assert clone.chat_template == tok.chat_template
+
+
 def test_public_entry_points():
     assert lazy_load_tokenizer("qwen2.5") is load_tokenizer("qwen2.5")  # cached, shared
     tok = load_tokenizer("Qwen2.5")
@@ -164,6 +175,9 @@ def test_a_modified_vocabulary_is_encoded_by_hf_tokenizers(tmp_path):
     assert tok.encode(text) == builtin().encode(text)
     assert tok.encode(text, allow_special=True) == builtin().encode(text, allow_special=True)[:-1] + [151_644]
     assert tok.chat_template is None and tok.eos_token is None
+    import pickle
+
+    assert pickle.loads(pickle.dumps(tok)).encode(text, allow_special=True) == tok.encode(text, allow_special=True)
 
 
 def test_chat_template_jinja_file_wins(tmp_path):

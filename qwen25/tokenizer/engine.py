@@ -120,12 +120,20 @@ class TiktokenEngine:
     def __init__(self, ranks: dict[bytes, int], pattern: str):
         import tiktoken
 
+        self._ranks, self._pattern = ranks, pattern
         # The encoding is built without special tokens: control tokens are handled by
         # `Tokenizer`, so this engine only ever sees plain text.
         self._core = tiktoken.Encoding("qwen25", pat_str=pattern, mergeable_ranks=ranks,
                                        special_tokens={})._core_bpe
         self._pools: dict[tuple[int, int], ThreadPoolExecutor] = {}  # (pid, threads) -> pool
         self._lock = threading.Lock()
+
+    # Picklable (DataLoader workers under spawn): ship the ranks, rebuild the rest.
+    def __getstate__(self) -> dict:
+        return {"ranks": self._ranks, "pattern": self._pattern}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["ranks"], state["pattern"])
 
     def encode(self, text: str) -> list[int]:
         """Regular ids of `text` (a str; NFC is applied here)."""
