@@ -52,10 +52,11 @@ def corpus(megabytes: float) -> list[str]:
     return texts
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
+def timed(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one call."""
+    start, cpu = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def main() -> int:
@@ -95,18 +96,23 @@ def main() -> int:
         "hf         batch": lambda: hf.encode_batch_fast(texts, add_special_tokens=False),
     }
     runs: dict[str, list[float]] = {name: [] for name in configs}
+    cores: dict[str, list[float]] = {name: [] for name in configs}
     for _ in range(args.repeats):
         for name, fn in configs.items():
-            runs[name].append(mb / timed(fn))
+            wall, cpu = timed(fn)
+            runs[name].append(mb / wall)
+            cores[name].append(cpu / wall)
 
     best = {name: max(v) for name, v in runs.items()}
     median = {name: statistics.median(v) for name, v in runs.items()}
     print(f"corpus: {len(texts)} documents, {mb:.1f} MB; {args.repeats} runs each; "
           f"batch = {n} threads; cpus available: {len(os.sched_getaffinity(0))}; "
           f"load average {os.getloadavg()[0]:.2f}")
-    print(f"{'':20s} {'best MB/s':>10s} {'median MB/s':>12s}")
+    # "cores used" = CPU time / wall time: ~n for a batch that really runs in parallel; it can
+    # only show a speed-up when other processes leave cores free.
+    print(f"{'':20s} {'best MB/s':>10s} {'median MB/s':>12s} {'cores used':>11s}")
     for name in configs:
-        print(f"{name:20s} {best[name]:10.2f} {median[name]:12.2f}")
+        print(f"{name:20s} {best[name]:10.2f} {median[name]:12.2f} {statistics.median(cores[name]):11.2f}")
     print("ratios (best / median):")
     pairs = [("ours single / tiktoken single", "ours       single", "tiktoken   single", 1.0),
              ("ours batch / ours single", "ours       batch", "ours       single", 1.7),

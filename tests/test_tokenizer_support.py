@@ -91,10 +91,12 @@ def hf_ids(texts: list[str]) -> list[list[int]]:
 
 
 def stdlib_texts(limit_bytes: int) -> list[str]:
-    """Python standard library sources (not site-packages), sorted by path, ~limit_bytes."""
+    """Python standard library sources (not site-packages), ~limit_bytes: first the prose
+    of the Python documentation's topics (pydoc_data) and the licence, then code by path."""
     root = Path(sysconfig.get_paths()["stdlib"])
     texts, total = [], 0
-    for path in sorted(root.rglob("*.py")):
+    prose = [root / "pydoc_data" / "topics.py", root / "LICENSE.txt"]
+    for path in [p for p in prose if p.exists()] + sorted(set(root.rglob("*.py")) - set(prose)):
         if "site-packages" in path.parts or "dist-packages" in path.parts:
             continue
         try:
