@@ -123,12 +123,22 @@ def load_tokenizer(path_or_name: str | os.PathLike = "qwen2.5") -> Tokenizer:
 
 
 @lru_cache(maxsize=1)
-def builtin_tokenizer() -> Tokenizer:
+def _builtin_engine() -> TiktokenEngine:
+    return TiktokenEngine(qwen.load_ranks(), qwen.FAST_PATTERN)
+
+
+@lru_cache(maxsize=1)
+def _builtin_regular() -> tuple[bytes, ...]:
     ranks = qwen.load_ranks()
-    regular = sorted(ranks, key=ranks.__getitem__)
+    return tuple(sorted(ranks, key=ranks.__getitem__))
+
+
+def builtin_tokenizer() -> Tokenizer:
+    """A new `Tokenizer` over the shared built-in engine (cheap after the first call; each
+    caller may change its own chat_template without affecting others)."""
     added = [AddedToken(qwen.NUM_REGULAR + i, text, special)
              for i, (text, special) in enumerate(qwen.CONTROL_TOKENS)]
-    return Tokenizer(engine=TiktokenEngine(ranks, qwen.FAST_PATTERN), regular=regular, added=added,
+    return Tokenizer(engine=_builtin_engine(), regular=_builtin_regular(), added=added,
                      eos_token=qwen.EOS_TOKEN, pad_token=qwen.PAD_TOKEN, bos_token=None,
                      chat_template=qwen.chat_template(), model_max_length=qwen.MODEL_MAX_LENGTH,
                      source=BuiltinSource(), name_or_path="qwen2.5")
@@ -216,7 +226,7 @@ def _tokenizer_from_json(data: dict, added: list[AddedToken], config: dict, fold
     except (ValueError, IndexError) as e:
         raise TokenizerFileError(f"{folder}: bad vocabulary ({e}); ids must be 0..n-1") from None
     if _is_qwen_pipeline(data) and _is_builtin_vocab(data):
-        engine: Any = TiktokenEngine(qwen.load_ranks(), qwen.FAST_PATTERN)
+        engine: Any = _builtin_engine()
     else:
         engine = HFEngine(data)
     return Tokenizer(engine=engine, regular=regular, added=added,
