@@ -6,7 +6,6 @@ import json
 import os
 import random
 import shutil
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
