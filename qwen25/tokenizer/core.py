@@ -227,8 +227,9 @@ class Tokenizer:
         tokenize=False -> str; tokenize=True -> ids, or (ids, assistant_mask) when
         return_assistant_mask=True. Message content is always encoded as plain text.
         """
-        # The chat layer (2) builds on this one (1); importing it here, at call time, keeps
-        # `qwen25.tokenizer` importable without it and the module graph acyclic.
+        # The one reference from this layer (1) up to the chat layer (2), which owns the
+        # template: a thin wrapper that imports it at call time, so importing
+        # `qwen25.tokenizer` never loads `qwen25.chat` and the module graph stays acyclic.
         from qwen25 import chat
 
         return chat.apply_chat_template(self, messages, tools=tools,
