@@ -19,6 +19,7 @@ from qwen25.errors import UserError
 VERBS: dict[str, tuple[str, str]] = {
     "inspect": ("inspect", "print a checkpoint's config, parameter counts and memory"),
     "demo": ("demo", "build a small random model, save, load and generate from it"),
+    "data": ("data", "pretraining data: fetch built-in corpora, prepare shards, stats"),
 }
 
 

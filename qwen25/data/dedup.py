@@ -1,0 +1,105 @@
+"""Deduplication: exact (normalised hash) then near-duplicate (MinHash LSH, `datasketch`).
+
+Split in two so the expensive half runs in worker processes:
+- `minhash_signature(text, ...)` is a pure function of one document (its word shingles
+  hashed and pushed through datasketch's `MinHash`), computed where the document is filtered.
+- `Deduplicator` is the sequential half in the driver: it sees documents in input order and
+  keeps the first of every cluster, so the result does not depend on the number of workers.
+
+Shingles are runs of `shingle_size` words (`ngrams.words`: punctuation-free, case-folded); a
+document shorter than one shingle is a single shingle of all its words. A near duplicate
+is a document whose estimated Jaccard similarity to an earlier kept document is at least
+`threshold`: LSH proposes candidates (banding tuned by datasketch for the threshold) and the
+signature agreement confirms them, which removes LSH's false positives.
+
+Memory grows with the number of kept documents, not their size: 16 bytes for the exact key
+and the document id, plus 4 * num_perm bytes of signature and the LSH band keys (about 1 KiB per document at the
+default 128 permutations). Beyond ~10^7 documents, point datasketch at a Redis storage.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+from datasketch import MinHash, MinHashLSH
+
+from qwen25.data.config import DedupConfig
+from qwen25.data.ngrams import fold32, ngram_hashes, words
+
+_SCHEME = "affine32"  # datasketch >= 2.0: a bijective 32-bit permutation family
+_CHUNK = 4096  # shingles per update_batch call: bounds the [chunk, num_perm] temporary
+
+
+@lru_cache(maxsize=8)
+def _permutations(num_perm: int, seed: int) -> np.ndarray:
+    """datasketch's permutation parameters for (num_perm, seed), made once per process."""
+    return MinHash(num_perm=num_perm, seed=seed, scheme=_SCHEME).permutations
+
+
+def _minhash(num_perm: int, seed: int, hashvalues: np.ndarray | None = None) -> MinHash:
+    return MinHash(num_perm=num_perm, seed=seed, hashfunc=int, hashvalues=hashvalues,
+                   permutations=_permutations(num_perm, seed), scheme=_SCHEME)
+
+
+def shingle_hashes(hashes: np.ndarray, shingle_size: int) -> np.ndarray:
+    """32-bit hashes (as uint64) of the word shingles of a document given its word hashes
+    (`ngrams.words(text).hashes`), in order (may repeat)."""
+    if len(hashes) == 0:
+        return hashes
+    n = min(shingle_size, len(hashes))
+    return fold32(ngram_hashes(hashes, n))
+
+
+def minhash_signature(hashes: np.ndarray, shingle_size: int, num_perm: int, seed: int) -> np.ndarray:
+    """MinHash signature [num_perm] uint32 of the document's shingle set (see `shingle_hashes`)."""
+    m = _minhash(num_perm, seed)
+    shingles = np.unique(shingle_hashes(hashes, shingle_size))
+    for i in range(0, len(shingles), _CHUNK):
+        m.update_batch(shingles[i:i + _CHUNK].tolist())
+    return np.asarray(m.hashvalues, dtype=np.uint32)
+
+
+def text_signature(text: str, cfg: DedupConfig) -> np.ndarray:
+    """`minhash_signature` of a text with the config's shingle size and permutations."""
+    return minhash_signature(words(text).hashes, cfg.shingle_size, cfg.num_perm, cfg.seed)
+
+
+def estimated_jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """The MinHash estimator (as `MinHash.jaccard`): fraction of agreeing signature slots."""
+    return float(np.count_nonzero(a == b)) / len(a)
+
+
+class Deduplicator:
+    """Keeps the first document of every exact or near-duplicate cluster, in call order."""
+
+    def __init__(self, cfg: DedupConfig):
+        self.cfg = cfg
+        self.exact_keys: dict[bytes, str] = {}  # normalised-text digest -> first document id
+        self.lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm) if cfg.near else None
+        self.signatures: list[np.ndarray] = []  # kept documents' signatures, by LSH key
+        self.kept_ids: list[str] = []  # document id of each LSH key (for the listings)
+
+    def check(self, key: bytes, signature: np.ndarray | None, doc_id: str = "") -> tuple[str, str] | None:
+        """(reason, id of the kept document it duplicates) if the document is a duplicate,
+        else None after remembering it. `key` is `normalize.dedup_key(text)`."""
+        if self.cfg.exact:
+            first = self.exact_keys.get(key)
+            if first is not None:
+                return "exact_duplicate", first
+            self.exact_keys[key] = doc_id
+        if self.lsh is None or signature is None:
+            return None
+        m = _minhash(self.cfg.num_perm, self.cfg.seed, signature)
+        best, best_key = 0.0, -1
+        for k in self.lsh.query(m):
+            sim = estimated_jaccard(signature, self.signatures[k])
+            if sim > best:
+                best, best_key = sim, k
+        if best >= self.cfg.threshold:
+            return "near_duplicate", self.kept_ids[best_key]
+        key_id = len(self.signatures)
+        self.signatures.append(signature)
+        self.kept_ids.append(doc_id)
+        self.lsh.insert(key_id, m, check_duplication=False)
+        return None
