@@ -101,6 +101,7 @@ class DedupConfig:
     threshold: float = 0.7  # Jaccard similarity of shingle sets that counts as a duplicate
     num_perm: int = 128  # MinHash permutations (signature length)
     seed: int = 1  # MinHash permutation seed
+    lsh_weights: tuple[float, float] = (0.1, 0.9)  # LSH banding (false positive, false negative) weights
 
 
 @dataclass(frozen=True)
