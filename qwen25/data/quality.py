@@ -15,7 +15,8 @@ Both need only a forward pass (`qwen25.load_model`), no generation engine.
 
 Batching: documents are right-padded for perplexity and left-padded for the judge (the last
 position must be the prompt's end); the model's `attention_mask` keeps padded rows equal to
-unpadded ones.
+unpadded ones. Logits are computed from `model.hidden_states` only where needed (one row of
+a batch at a time, or the last position), so memory does not scale with batch x vocabulary.
 """
 
 from __future__ import annotations
@@ -62,12 +63,15 @@ class PerplexityScorer:
             for r, row in enumerate(rows):
                 ids[r, :len(row)] = torch.tensor(row)
                 mask[r, :len(row)] = 1
-            logits = self.model(ids, attention_mask=mask).float()
-            logp = torch.log_softmax(logits[:, :-1], dim=-1)
-            nll = -logp.gather(-1, ids[:, 1:, None])[..., 0]  # [B, width - 1]
-            valid = mask[:, 1:].float()
-            mean = (nll * valid).sum(1) / valid.sum(1).clamp(min=1)
-            out += [float(v) for v in torch.exp(mean)]
+            hidden, _ = self.model.hidden_states(ids, attention_mask=mask)  # [B, width, h]
+            for r, row in enumerate(rows):
+                # One row's logits at a time: [n - 1, vocab] is the peak, not [B, width, vocab].
+                if len(row) < 2:  # nothing to predict (empty text never gets here: "empty")
+                    out.append(1.0)
+                    continue
+                logits = self.model.lm_head(hidden[r, :len(row) - 1]).float()
+                nll = torch.nn.functional.cross_entropy(logits, ids[r, 1:len(row)])
+                out.append(float(torch.exp(nll)))
         return out
 
 
@@ -114,7 +118,8 @@ class JudgeScorer:
             for r, row in enumerate(rows):  # left padding: every row ends at the last column
                 ids[r, width - len(row):] = torch.tensor(row)
                 mask[r, width - len(row):] = 1
-            last = self.model(ids, attention_mask=mask)[:, -1].float()
+            hidden, _ = self.model.hidden_states(ids, attention_mask=mask)
+            last = self.model.lm_head(hidden[:, -1]).float()  # only the last position's logits
             probs = torch.softmax(last[:, digits], dim=-1)  # == full softmax renormalised over digits
             for p in probs:
                 expected = float((p * torch.arange(6, dtype=p.dtype)).sum())
