@@ -28,6 +28,7 @@ over; there is no mid-run resume.)
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import re
@@ -256,8 +257,6 @@ class _Run:
 
 
 def _json(obj) -> str:
-    import json
-
     return json.dumps(obj, ensure_ascii=False) + "\n"
 
 
