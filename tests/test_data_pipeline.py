@@ -164,6 +164,16 @@ def test_bad_configuration_is_a_clear_error(tmp_path, tokenizer):
     assert (tmp_path / "taken" / "precious.txt").read_text() == "user data"
 
 
+def test_failed_run_keeps_the_previous_output(tmp_path, tokenizer):
+    make_inputs(tmp_path / "in")
+    good = load_manifest(prepare(config(tmp_path / "in", tmp_path / "out"), tokenizer=tokenizer, progress=False))
+    with pytest.raises(UserError, match="invalid json"):  # strict: the planted bad line stops the run
+        prepare(config(tmp_path / "in", tmp_path / "out", strict=True), tokenizer=tokenizer, progress=False)
+    again = load_manifest(tmp_path / "out")
+    assert again["created"] == good["created"] and verify(again) == []
+    assert not (tmp_path / "out.partial").exists()
+
+
 def test_cli_prepare_stats_and_errors(tmp_path, capsys):
     make_inputs(tmp_path / "in")
     cfg_file = tmp_path / "data.json"

@@ -34,6 +34,7 @@ selection turns a mean loss in nats into bits per byte: bpb = loss / (bytes_per_
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -104,7 +105,7 @@ class PackedLoader:
             if mix:
                 raise UserError("mix needs a manifest (domains are recorded there), not a list of shards")
             streams = {"all": [Path(p) for p in source]}
-            self._fingerprint_shards = [str(p) for p in source]
+            shard_ids = [str(p) for p in source]
         else:
             m = load_manifest(source)
             root = Path(m["_root"])
@@ -120,7 +121,9 @@ class PackedLoader:
                 streams = {d: [root / s["path"] for s in shards if s["domain"] == d] for d in sorted(mix)}
             else:
                 streams = {"all": [root / s["path"] for s in shards]}
-            self._fingerprint_shards = [s["sha256"] for s in shards]
+            shard_ids = [s["sha256"] for s in shards]
+        # One digest of the shards read, so a state never resumes on different data.
+        self._shards_digest = hashlib.sha256("\n".join(shard_ids).encode()).hexdigest()
         self.streams = {name: _Stream(paths) for name, paths in streams.items()}
         for name, st in self.streams.items():
             if (st.size - 1) // seq_len < 1:
@@ -222,7 +225,7 @@ class PackedLoader:
         return {"seq_len": self.seq_len, "seed": self.seed, "shuffle": self.shuffle,
                 "split": self.split, "mix": self.mix, "epochs": self.epochs,
                 "streams": {n: self.streams[n].size for n in self.names},
-                "shards": self._fingerprint_shards}
+                "shards": self._shards_digest}
 
     def state_dict(self) -> dict:
         """Where the loader is: JSON-serialisable, a few hundred bytes."""

@@ -275,17 +275,17 @@ def _mix(run: _Run, staging: list) -> tuple[list, dict]:
     for (domain, source), shards in sorted(groups.items()):
         name = f"{_safe(domain)}.{_safe(source)}"
         tokens = [read_tokens(run.work / s.path) for s in shards]
-        index = [read_index(run.work / s.index) for s in shards]
-        where = [(k, i) for k, idx in enumerate(index) for i in range(len(idx))]
-        ends = [idx[:, 0] for idx in index]
-        starts = [np.concatenate([[0], e[:-1]]) for e in ends]
-        doc_tokens = np.concatenate([e - s for e, s in zip(ends, starts)])
+        index = np.concatenate([read_index(run.work / s.index) for s in shards])  # [docs, 2]
+        # Document j of the group lies in staging shard shard_of[j] at [start[j], end[j]) (EOS last).
+        shard_of = np.repeat(np.arange(len(shards)), [s.docs for s in shards])
+        end = index[:, 0]
+        start = np.where(np.r_[True, shard_of[1:] != shard_of[:-1]], 0, np.r_[0, end[:-1]])
+        doc_tokens = end - start
         chosen = mixing.select(doc_tokens, rates.get(domain, 0.0), cfg.mix.seed, f"{domain}/{source}")
         writer = ShardWriter(run.work / "train", name, run.eos, cfg.shard_tokens, root=run.work,
                              split="train", domain=domain, source=source)
         for j in chosen.tolist():
-            k, i = where[j]
-            writer.add(tokens[k][starts[k][i]:ends[k][i] - 1], int(index[k][i, 1]))
+            writer.add(tokens[shard_of[j]][start[j]:end[j] - 1], int(index[j, 1]))
         out += writer.close()
         after[domain] += sum(s.tokens for s in writer.shards)
         used = np.zeros(len(doc_tokens), dtype=bool)
@@ -374,18 +374,24 @@ def prepare(cfg: DataConfig, tokenizer=None, classifier: Callable[[Document], st
         for src in cfg.sources:
             yield from read_source(src, run.ledger.skip, stats[src.name], cfg.strict)
 
-    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", disable=not progress,
-               file=sys.stderr)
-    for batch, results in _results(cfg, index, docs()):
-        run.decide(batch, results)
-        bar.update(sum(r.nbytes for r in results))
-        bar.set_postfix(kept=sum(run.ledger.kept.values()), refresh=False)
-    bar.close()
-    staging, val = run.close_stage_a()
-    train, mix_report = _mix(run, staging)
-    shutil.rmtree(work / "staging", ignore_errors=True)
-    run.ledger.close()
-    run.ledger.check()
+    try:
+        # Progress in raw input bytes (compressed bytes for .gz), as the ingest reads them.
+        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", disable=not progress,
+                   file=sys.stderr)
+        for batch, results in _results(cfg, index, docs()):
+            run.decide(batch, results)
+            bar.update(sum(s.bytes_read for s in stats.values()) - bar.n)
+            bar.set_postfix(kept=sum(run.ledger.kept.values()), refresh=False)
+        bar.close()
+        staging, val = run.close_stage_a()
+        train, mix_report = _mix(run, staging)
+        shutil.rmtree(work / "staging", ignore_errors=True)
+        run.ledger.close()
+        run.ledger.check()
+    except BaseException:
+        run.ledger.close()
+        shutil.rmtree(work, ignore_errors=True)  # the previous output, if any, stays untouched
+        raise
     seconds = time.perf_counter() - t0
     manifest = {
         "format": "qwen25-shards", "version": 1,

@@ -75,6 +75,7 @@ class SourceStats:
     files: int = 0
     bytes: int = 0
     files_ignored: int = 0  # folder entries with an extension that is not read
+    bytes_read: int = 0  # raw bytes read so far, live (for progress bars)
     _digest: object = field(default_factory=hashlib.sha256, repr=False)
 
     def add_file(self, rel: str, size: int, sha: str) -> None:
@@ -172,6 +173,7 @@ def _kind(src: SourceConfig, path: Path, fmt: str) -> tuple[str, str]:
 
 def _read_text_file(src, path, rel, fmt, skip, stats, strict):
     raw = path.read_bytes()
+    stats.bytes_read += len(raw)
     stats.add_file(rel, len(raw), hashlib.sha256(raw).hexdigest())
     doc_id = f"{src.name}:{rel}"
     try:
@@ -212,13 +214,14 @@ def chunk_text(text: str, size: int) -> list[str]:
 class _HashingReader:
     """A binary file wrapper that hashes and counts every byte read through it."""
 
-    def __init__(self, f):
-        self.f, self.sha, self.n = f, hashlib.sha256(), 0
+    def __init__(self, f, stats: SourceStats):
+        self.f, self.sha, self.n, self.stats = f, hashlib.sha256(), 0, stats
 
     def read(self, size=-1):
         b = self.f.read(size)
         self.sha.update(b)
         self.n += len(b)
+        self.stats.bytes_read += len(b)
         return b
 
     def readable(self):
@@ -228,7 +231,7 @@ class _HashingReader:
 def _read_jsonl(src, path, rel, fmt, skip, stats, strict):
     kind = "code" if src.kind == "code" else "text"
     with open(path, "rb") as raw:
-        hashing = _HashingReader(raw)
+        hashing = _HashingReader(raw, stats)
         stream = gzip.GzipFile(fileobj=hashing) if path.name.lower().endswith(".gz") else hashing
         lineno = 0
         buf = b""
@@ -306,6 +309,7 @@ def _read_parquet(src, path, rel, fmt, skip, stats, strict):
                         skip("missing_text_field", src.name, doc_id)
         except ArrowException as e:
             raise OSError(str(e)) from None
+    stats.bytes_read += path.stat().st_size
     stats.add_file(rel, path.stat().st_size, _sha256_file(path))
 
 
