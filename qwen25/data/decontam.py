@@ -176,9 +176,12 @@ class EvalIndex:
             m = len(item.hashes)
             if m < cfg.lcs_min or s < cfg.lcs_seed_fraction * item.seeds:
                 continue
-            starts = sorted({(p // m) * m for p in doc_pos[items == k].tolist()})
+            if len(hashes) <= 2 * m:  # the whole document is one window
+                starts = [0]
+            else:
+                starts = sorted({(p // m) * m for p in doc_pos[items == k].tolist()})
             for start in starts:
-                window = hashes[start:start + 2 * m] if len(hashes) > 2 * m else hashes
+                window = hashes[start:start + 2 * m]
                 lcs = lcs_length(window, item.hashes)
                 if lcs >= cfg.lcs_min and lcs >= cfg.lcs_ratio * min(len(window), m):
                     return Hit("decontam_lcs", item.eval_set, item.id,
