@@ -48,7 +48,9 @@ def _plots(folder: Path, m: dict[str, Any]) -> list[str]:
     if drops:
         reasons = sorted(drops, key=lambda r: drops[r])
         fig, ax = plt.subplots(figsize=(7, 0.35 * len(reasons) + 1.2))
-        ax.barh(reasons, [drops[r] for r in reasons])
+        bars = ax.barh(reasons, [drops[r] for r in reasons])
+        ax.bar_label(bars, padding=2, fontsize=8)
+        ax.set_xscale("log")  # rare reasons stay visible next to common ones
         ax.set_xlabel("documents")
         ax.set_title("documents dropped, by reason")
         fig.tight_layout()
@@ -57,10 +59,12 @@ def _plots(folder: Path, m: dict[str, Any]) -> list[str]:
         written.append("card_drops.png")
     counts, edges = m["lengths"]["counts"], m["lengths"]["edges"]
     if any(counts):
+        first = min(i for i, c in enumerate(counts) if c)
         last = max(i for i, c in enumerate(counts) if c) + 1
         fig, ax = plt.subplots(figsize=(7, 3.5))
-        labels = [f"<{edges[i + 1]}" for i in range(last)]
-        ax.bar(labels, counts[:last])
+        labels = [f"{edges[i]}-{edges[i + 1] - 1}" for i in range(first, last)]
+        ax.bar(labels, counts[first:last])
+        ax.set_yscale("log")  # a few long documents next to many short ones
         ax.set_xlabel("document length (tokens, incl. EOS)")
         ax.set_ylabel("documents")
         ax.set_title("document lengths (kept documents, before mixing)")

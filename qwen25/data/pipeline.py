@@ -54,7 +54,6 @@ from qwen25.data.ledger import Ledger
 from qwen25.data.manifest import NAME as MANIFEST, write_manifest
 from qwen25.data.ngrams import words
 from qwen25.data.normalize import dedup_key, normalize
-from qwen25.data.quality import build_scorer, threshold_reason
 from qwen25.data.shards import ShardWriter, read_index, read_tokens, separator_id, tokenize
 from qwen25.data.sources import Document, SourceStats, list_files, read_source
 from qwen25.errors import UserError
@@ -218,6 +217,8 @@ class _Run:
         led = self.ledger
         survivors, self.pending, self.pending_bytes = self.pending, [], 0
         if self.scorer is not None and survivors:
+            from qwen25.data.quality import threshold_reason
+
             scores = self.scorer.score([r.text for _, r in survivors])
             kept = []
             for (doc, res), s in zip(survivors, scores):
@@ -363,7 +364,10 @@ def prepare(cfg: DataConfig, tokenizer=None, classifier: Callable[[Document], st
         tokenizer = load_tokenizer(cfg.tokenizer)
     separator_id(tokenizer)  # a clear error now for an unusable tokenizer
     index = EvalIndex(cfg.decontam) if cfg.decontam.eval_sets else None
-    scorer = scorer if scorer is not None else build_scorer(cfg.quality)
+    if scorer is None and cfg.quality.scorer:
+        from qwen25.data.quality import build_scorer  # torch is imported only when scoring
+
+        scorer = build_scorer(cfg.quality)
     classifier = classifier or mixing.KeywordClassifier(cfg.mix.keywords, cfg.mix.default_domain)
     out = Path(cfg.out)
     work = _prepare_out(out)
