@@ -148,8 +148,10 @@ def test_held_out_split_single_pass_and_bytes_per_token(manifest):
 def test_shard_list_source_and_errors(manifest, tmp_path):
     m = json.loads(manifest.read_text())
     paths = [manifest.parent / s["path"] for s in m["shards"] if s["split"] == "train"]
-    from_list = take(PackedLoader(paths, 10, 2, seed=3), 4)
-    assert same(from_list, take(PackedLoader(manifest, 10, 2, seed=3), 4))
+    from_list = take(PackedLoader(paths, 10, 2, seed=3, reset_position_ids=True, eos_token_id=EOS), 4)
+    assert same(from_list, take(PackedLoader(manifest, 10, 2, seed=3, reset_position_ids=True), 4))
+    with pytest.raises(UserError, match="eos_token_id"):
+        PackedLoader(paths, 10, 2, reset_position_ids=True)
     with pytest.raises(UserError, match="mix"):
         PackedLoader(manifest, 8, 2, mix={"a": 1.0}, epochs=1)
     with pytest.raises(UserError, match="no train shards|domain"):

@@ -81,13 +81,17 @@ class PackedLoader:
       stream in manifest order. split / domains / sources: which shards (manifest only).
     epochs: stop after this many passes (None: endless; mix requires None).
     drop_last: with finite epochs, drop the final partial batch (False: yield it; single rank).
+    eos_token_id: the document separator, for a list of shards (a manifest records its own).
+
+    Every rank computes the same global order, so `state_dict()` is identical on all ranks:
+    saving rank 0's is enough.
     """
 
     def __init__(self, source, seq_len: int, batch_size: int, rank: int = 0, world_size: int = 1,
                  seed: int = 0, shuffle: bool = True, reset_position_ids: bool = False,
                  mix: dict[str, float] | None = None, split: str = "train",
                  domains: list[str] | None = None, sources: list[str] | None = None,
-                 epochs: int | None = None, drop_last: bool = True):
+                 epochs: int | None = None, drop_last: bool = True, eos_token_id: int | None = None):
         if seq_len < 1 or batch_size < 1:
             raise UserError("seq_len and batch_size must be >= 1")
         if not 0 <= rank < world_size:
@@ -100,7 +104,7 @@ class PackedLoader:
         self.seed, self.shuffle, self.reset_position_ids = seed, shuffle, reset_position_ids
         self.epochs, self.drop_last, self.split = epochs, drop_last, split
         self.bytes_per_token: float | None = None
-        self.eos = None
+        self.eos = eos_token_id
         if isinstance(source, (list, tuple)):
             if mix:
                 raise UserError("mix needs a manifest (domains are recorded there), not a list of shards")
@@ -125,6 +129,9 @@ class PackedLoader:
         # One digest of the shards read, so a state never resumes on different data.
         self._shards_digest = hashlib.sha256("\n".join(shard_ids).encode()).hexdigest()
         self.streams = {name: _Stream(paths) for name, paths in streams.items()}
+        if reset_position_ids and self.eos is None:
+            raise UserError("reset_position_ids needs the document separator: pass eos_token_id "
+                            "with a list of shards (a manifest records it)")
         for name, st in self.streams.items():
             if (st.size - 1) // seq_len < 1:
                 raise UserError(f"stream {name!r} of split {split!r} has {st.size} tokens, fewer than "
@@ -203,7 +210,7 @@ class PackedLoader:
         inputs, labels = windows[:, :-1], windows[:, 1:].copy()
         b, t = inputs.shape
         idx = np.tile(np.arange(t, dtype=np.int64), (b, 1))
-        if self.reset_position_ids and self.eos is not None:
+        if self.reset_position_ids:
             at_eos = inputs == self.eos
             starts = np.concatenate([np.ones((b, 1), bool), at_eos[:, :-1]], axis=1)
             last_start = np.maximum.accumulate(np.where(starts, idx, 0), axis=1)
