@@ -46,6 +46,7 @@ import numpy as np
 from tqdm import tqdm
 
 from qwen25.data import mixing
+from qwen25.data.card import write_card
 from qwen25.data.config import DataConfig, declared_domains, to_dict
 from qwen25.data.decontam import EvalIndex, Hit
 from qwen25.data.dedup import Deduplicator, minhash_signature
@@ -338,6 +339,35 @@ def _swap(work: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _manifest(cfg: DataConfig, run: _Run, tokenizer, stats: dict[str, SourceStats], train: list, val: list,
+              mix_report: dict, timing: dict) -> dict:
+    """The manifest of a finished run (schema: `qwen25.data.manifest`)."""
+    return {
+        "format": "qwen25-shards", "version": 1,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "dtype": "uint32", "eos_token_id": run.eos,
+        "tokenizer": {"spec": cfg.tokenizer, "class": type(tokenizer).__name__,
+                      "vocab_size": getattr(tokenizer, "vocab_size", None),
+                      "eos_token_id": getattr(tokenizer, "eos_token_id", None)},
+        "config": to_dict(cfg),
+        "inputs": {s.name: {"path": s.path, "files": stats[s.name].files, "bytes": stats[s.name].bytes,
+                            "sha256": stats[s.name].sha256, "files_ignored": stats[s.name].files_ignored}
+                   for s in cfg.sources},
+        "counts": {"sources": run.ledger.per_source(), "drops": dict(sorted(run.ledger.totals().items())),
+                   "domains": {d: dict(c) for d, c in sorted(run.domains.items())}},
+        "mix": mix_report,
+        "splits": {"train": _split_summary(train), "val": _split_summary(val)},
+        "lengths": {"edges": LENGTH_EDGES, "counts": run.lengths.tolist()},
+        "shards": [s.__dict__ for s in train + val],
+        "listings": {"drops": "drops.jsonl", "decontam": "decontam.jsonl"},
+        "quality": ({"scorer": cfg.quality.scorer, "model": cfg.quality.model,
+                     "sources": {k: {"scored": len(v), "mean": float(np.mean(v)), "min": float(np.min(v)),
+                                     "max": float(np.max(v))} for k, v in sorted(run.scores.items())}}
+                    if run.scores else None),
+        "timing": timing,
+    }
+
+
 def prepare(cfg: DataConfig, tokenizer=None, classifier: Callable[[Document], str] | None = None,
             scorer=None, progress: bool = True) -> Path:
     """Run the pipeline of `cfg`; returns the path of the written `manifest.json`.
@@ -397,33 +427,9 @@ def prepare(cfg: DataConfig, tokenizer=None, classifier: Callable[[Document], st
         shutil.rmtree(work, ignore_errors=True)  # the previous output, if any, stays untouched
         raise
     seconds = time.perf_counter() - t0
-    manifest = {
-        "format": "qwen25-shards", "version": 1,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "dtype": "uint32", "eos_token_id": run.eos,
-        "tokenizer": {"spec": cfg.tokenizer, "class": type(tokenizer).__name__,
-                      "vocab_size": getattr(tokenizer, "vocab_size", None),
-                      "eos_token_id": getattr(tokenizer, "eos_token_id", None)},
-        "config": to_dict(cfg),
-        "inputs": {s.name: {"path": s.path, "files": stats[s.name].files, "bytes": stats[s.name].bytes,
-                            "sha256": stats[s.name].sha256, "files_ignored": stats[s.name].files_ignored}
-                   for s in cfg.sources},
-        "counts": {"sources": run.ledger.per_source(), "drops": dict(sorted(run.ledger.totals().items())),
-                   "domains": {d: dict(c) for d, c in sorted(run.domains.items())}},
-        "mix": mix_report,
-        "splits": {"train": _split_summary(train), "val": _split_summary(val)},
-        "lengths": {"edges": LENGTH_EDGES, "counts": run.lengths.tolist()},
-        "shards": [s.__dict__ for s in train + val],
-        "listings": {"drops": "drops.jsonl", "decontam": "decontam.jsonl"},
-        "quality": ({"scorer": cfg.quality.scorer, "model": cfg.quality.model,
-                     "sources": {k: {"scored": len(v), "mean": float(np.mean(v)), "min": float(np.min(v)),
-                                     "max": float(np.max(v))} for k, v in sorted(run.scores.items())}}
-                    if run.scores else None),
-        "timing": {"seconds": round(seconds, 3), "input_mb_per_s": round(total_bytes / 1e6 / seconds, 3)},
-    }
+    manifest = _manifest(cfg, run, tokenizer, stats, train, val, mix_report,
+                         {"seconds": round(seconds, 3), "input_mb_per_s": round(total_bytes / 1e6 / seconds, 3)})
     write_manifest(work, manifest)
-    from qwen25.data.card import write_card
-
     write_card(work, manifest)
     _swap(work, out)
     return out / MANIFEST
