@@ -24,6 +24,7 @@ second) and returns. A concurrent second `fetch()` waits on a lock file.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -268,4 +269,4 @@ def builtin_config(out: str = "out/data", tokenizer: str = "qwen2.5", root: Path
     """A ready `DataConfig` for the built-in corpora (natural mixture unless `mix` is given)."""
     cfg = DataConfig(sources=builtin_sources(root), out=out, tokenizer=tokenizer,
                      decontam=DecontamConfig(eval_sets=builtin_eval_sets(root)), mix=MixConfig())
-    return DataConfig(**{**cfg.__dict__, **changes}) if changes else cfg
+    return dataclasses.replace(cfg, **changes)

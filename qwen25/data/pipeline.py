@@ -262,7 +262,7 @@ def _json(obj) -> str:
     return json.dumps(obj, ensure_ascii=False) + "\n"
 
 
-def _mix(run: _Run, staging: list) -> tuple[list, dict]:
+def _mix(run: _Run, staging: list, progress: bool = False) -> tuple[list, dict]:
     """Write the training shards with the domain mixture applied; returns (shards, mix report)."""
     cfg = run.cfg
     groups: dict[tuple[str, str], list] = defaultdict(list)
@@ -286,7 +286,8 @@ def _mix(run: _Run, staging: list) -> tuple[list, dict]:
         chosen = mixing.select(doc_tokens, rates.get(domain, 0.0), cfg.mix.seed, f"{domain}/{source}")
         writer = ShardWriter(run.work / "train", name, run.eos, cfg.shard_tokens, root=run.work,
                              split="train", domain=domain, source=source)
-        for j in chosen.tolist():
+        for j in tqdm(chosen.tolist(), desc=f"mix {domain}/{source}", unit="doc", disable=not progress,
+                      file=sys.stderr, leave=False):
             writer.add(tokens[shard_of[j]][start[j]:end[j] - 1], int(index[j, 1]))
         out += writer.close()
         after[domain] += sum(s.tokens for s in writer.shards)
@@ -418,7 +419,7 @@ def prepare(cfg: DataConfig, tokenizer=None, classifier: Callable[[Document], st
             bar.set_postfix(kept=sum(run.ledger.kept.values()), refresh=False)
         bar.close()
         staging, val = run.close_stage_a()
-        train, mix_report = _mix(run, staging)
+        train, mix_report = _mix(run, staging, progress)
         shutil.rmtree(work / "staging", ignore_errors=True)
         run.ledger.close()
         run.ledger.check()
