@@ -174,6 +174,43 @@ def test_failed_run_keeps_the_previous_output(tmp_path, tokenizer):
     assert not (tmp_path / "out.partial").exists()
 
 
+class CrashingTokenizer:
+    """The real tokenizer, except that its `calls`-th batch encode raises (a crash mid-run)."""
+
+    def __init__(self, tok, calls: int):
+        self.tok, self.left = tok, calls
+
+    def encode_batch(self, texts, **kw):
+        self.left -= 1
+        if self.left == 0:
+            raise RuntimeError("simulated crash")
+        return self.tok.encode_batch(texts, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
+def test_interrupted_run_resumes_to_identical_output(tmp_path, tokenizer):
+    make_inputs(tmp_path / "in")
+    # A resume point every ~3 KB of text: many of them over this small corpus.
+    small = dict(checkpoint_mb=0.003, batch_docs=4, mix=MixConfig(weights={"web": 0.5, "code": 0.3, "books": 0.2}))
+    ref = load_manifest(prepare(config(tmp_path / "in", tmp_path / "ref", **small), tokenizer=tokenizer,
+                                progress=False))
+    cfg = config(tmp_path / "in", tmp_path / "out", **small)
+    done = [0]
+    for crash_at in (4, 3):  # crash twice: the second run resumes, goes further, crashes again
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            prepare(cfg, tokenizer=CrashingTokenizer(tokenizer, crash_at), progress=False)
+        done.append(json.loads((tmp_path / "out.partial" / "checkpoint.json").read_text())["records"])
+        assert done[-1] > done[-2]
+    got = load_manifest(prepare(cfg, tokenizer=tokenizer, progress=False))
+    assert [(s["path"], s["sha256"]) for s in got["shards"]] == [(s["path"], s["sha256"]) for s in ref["shards"]]
+    assert got["counts"] == ref["counts"] and got["mix"] == ref["mix"]
+    for listing in ("drops.jsonl", "decontam.jsonl"):
+        assert (tmp_path / "out" / listing).read_text() == (tmp_path / "ref" / listing).read_text()
+    assert not list((tmp_path / "out").glob("dedup_*")) and not (tmp_path / "out" / "checkpoint.json").exists()
+
+
 def test_cli_prepare_stats_and_errors(tmp_path, capsys):
     make_inputs(tmp_path / "in")
     cfg_file = tmp_path / "data.json"

@@ -155,6 +155,7 @@ class DataConfig:
     num_workers: int = 2  # processes for the per-document stages (0: in this process)
     batch_docs: int = 1024  # documents per work unit sent to a worker
     strict: bool = False  # raise on the first bad input record instead of counting a skip
+    checkpoint_mb: float = 256.0  # resume point every this many MB of text (0: none); rerun resumes
 
     def __post_init__(self) -> None:
         validate(self)
@@ -201,8 +202,8 @@ def validate(cfg: DataConfig) -> None:
                         f"{declared_domains(cfg)} (set a source's domain or mix.keywords)")
     if not 0.0 <= cfg.val_fraction < 1.0:
         raise UserError("val_fraction must be in [0, 1)")
-    if cfg.shard_tokens < 1024 or cfg.batch_docs < 1 or cfg.num_workers < 0:
-        raise UserError("shard_tokens must be >= 1024, batch_docs >= 1 and num_workers >= 0")
+    if cfg.shard_tokens < 1024 or cfg.batch_docs < 1 or cfg.num_workers < 0 or cfg.checkpoint_mb < 0:
+        raise UserError("shard_tokens must be >= 1024, batch_docs >= 1, num_workers >= 0 and checkpoint_mb >= 0")
 
 
 def declared_domains(cfg: DataConfig) -> list[str]:

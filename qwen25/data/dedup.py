@@ -20,6 +20,7 @@ default 128 permutations). Beyond ~10^7 documents, point datasketch at a Redis s
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 from datasketch import MinHash, MinHashLSH
@@ -76,6 +77,7 @@ class Deduplicator:
     def __init__(self, cfg: DedupConfig):
         self.cfg = cfg
         self.exact_keys: dict[bytes, str] = {}  # normalised-text digest -> first document id
+        self._unsaved_exact: list[tuple[bytes, str]] = []  # added since the last `save`
         # Banding tuned for recall: datasketch's default (0.5, 0.5) weights find a pair at the
         # threshold only ~44% of the time (0.87 at J=0.8 for t=0.7, 128 permutations); with
         # (0.1, 0.9) it is 0.92 and 0.998. LSH's extra candidates cost one signature
@@ -93,6 +95,7 @@ class Deduplicator:
             if first is not None:
                 return "exact_duplicate", first
             self.exact_keys[key] = doc_id
+            self._unsaved_exact.append((key, doc_id))
         if self.lsh is None or signature is None:
             return None
         m = _minhash(self.cfg.num_perm, self.cfg.seed, signature)
@@ -103,8 +106,47 @@ class Deduplicator:
                 best, best_key = sim, k
         if best >= self.cfg.threshold:
             return "near_duplicate", self.kept_ids[best_key]
+        self._insert(signature, doc_id, m)
+        return None
+
+    def _insert(self, signature: np.ndarray, doc_id: str, m: MinHash | None = None) -> None:
         key_id = len(self.signatures)
         self.signatures.append(signature)
         self.kept_ids.append(doc_id)
-        self.lsh.insert(key_id, m, check_duplication=False)
-        return None
+        self.lsh.insert(key_id, m or _minhash(self.cfg.num_perm, self.cfg.seed, signature), check_duplication=False)
+
+    # ---- resume points ------------------------------------------------------------------------
+    # The state only grows, so it is appended to files (exact keys, signatures, their document
+    # ids) and a resume point is the number of entries of each; see `pipeline`.
+
+    def save(self, folder: Path, done: dict | None) -> dict:
+        """Append what was added since `done` (a previous return value) under `folder`."""
+        done = done or {"exact": 0, "near": 0}
+        keys, self._unsaved_exact = self._unsaved_exact, []
+        with open(folder / "dedup_exact.bin", "ab") as f:
+            f.write(b"".join(k for k, _ in keys))
+        with open(folder / "dedup_exact.ids", "a", encoding="utf-8") as f:
+            f.write("".join(i.replace("\n", " ") + "\n" for _, i in keys))
+        with open(folder / "dedup_near.bin", "ab") as f:
+            for sig in self.signatures[done["near"]:]:
+                f.write(np.asarray(sig, dtype="<u4").tobytes())
+        with open(folder / "dedup_near.ids", "a", encoding="utf-8") as f:
+            f.write("".join(i.replace("\n", " ") + "\n" for i in self.kept_ids[done["near"]:]))
+        return {"exact": len(self.exact_keys), "near": len(self.signatures)}
+
+    def load(self, folder: Path, done: dict) -> None:
+        """Rebuild the state saved up to `done` (files are cut back to it first)."""
+        p = self.cfg.num_perm
+        for name, width, count in (("exact", 16, done["exact"]), ("near", 4 * p, done["near"])):
+            with open(folder / f"dedup_{name}.bin", "r+b") as f:
+                f.truncate(width * count)
+            ids_path = folder / f"dedup_{name}.ids"
+            ids = ids_path.read_text(encoding="utf-8").split("\n")[:count]
+            ids_path.write_text("".join(i + "\n" for i in ids), encoding="utf-8")
+            data = (folder / f"dedup_{name}.bin").read_bytes()
+            if name == "exact":
+                self.exact_keys = {data[16 * i:16 * i + 16]: ids[i] for i in range(count)}
+            elif self.lsh is not None:
+                sigs = np.frombuffer(data, dtype="<u4").reshape(count, p)
+                for sig, doc_id in zip(sigs, ids):
+                    self._insert(sig.astype(np.uint32), doc_id)

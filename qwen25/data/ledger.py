@@ -29,12 +29,30 @@ class LedgerError(RuntimeError):
 
 
 class Ledger:
-    def __init__(self, listing: Path | None = None):
+    def __init__(self, listing: Path | None = None, state: dict | None = None):
+        """listing: where drops are appended. state: a `state()` to continue from (the listing
+        is then cut back to the length it had when that state was taken)."""
         self.docs_in: Counter[str] = Counter()
         self.bytes_in: Counter[str] = Counter()
         self.kept: Counter[str] = Counter()
         self.drops: defaultdict[str, Counter[str]] = defaultdict(Counter)
-        self._listing: TextIO | None = open(listing, "w", encoding="utf-8") if listing else None
+        self._listing: TextIO | None = None
+        if state is not None:
+            self.docs_in.update(state["docs_in"])
+            self.bytes_in.update(state["bytes_in"])
+            self.kept.update(state["kept"])
+            for source, reasons in state["drops"].items():
+                self.drops[source].update(reasons)
+        if listing is not None:
+            self._listing = reopen(listing, state["listing_bytes"] if state else None)
+
+    def state(self) -> dict:
+        """Counters and the listing's length, JSON-ready (flushes the listing)."""
+        if self._listing is not None:
+            self._listing.flush()
+        return {"docs_in": dict(self.docs_in), "bytes_in": dict(self.bytes_in), "kept": dict(self.kept),
+                "drops": {s: dict(c) for s, c in self.drops.items()},
+                "listing_bytes": self._listing.tell() if self._listing is not None else 0}
 
     # ---- recording ----------------------------------------------------------------------
 
@@ -90,3 +108,12 @@ class Ledger:
         if self._listing is not None:
             self._listing.close()
             self._listing = None
+
+
+def reopen(path: Path, size: int | None) -> TextIO:
+    """A text file for appending: new (size None) or cut back to `size` bytes (a resume point)."""
+    if size is None:
+        return open(path, "w", encoding="utf-8")
+    with open(path, "r+b") as f:
+        f.truncate(size)
+    return open(path, "a", encoding="utf-8")

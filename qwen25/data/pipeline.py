@@ -22,23 +22,23 @@ tokenizer's batched encoder (threads, GIL released) on each batch of survivors w
 workers process the next batches.
 
 Output is built in `<out>.partial/` and swapped into `<out>/` only when complete, so an
-interrupted run never leaves a manifest pointing at half-written shards. (A rerun starts
-over; there is no mid-run resume.)
+interrupted run never leaves a manifest pointing at half-written shards. Every
+`checkpoint_mb` MB of text a resume point is saved there (`run.Run.checkpoint`); rerunning
+the same command (same config, tokenizer and input files) continues from the last one and
+produces the same output as an uninterrupted run. A run that fails before its first resume
+point removes its partial folder.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import multiprocessing
 import os
-import re
 import shutil
 import sys
 import time
-from collections import Counter, defaultdict, deque
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -48,221 +48,17 @@ from tqdm import tqdm
 from qwen25.data import mixing
 from qwen25.data.card import write_card
 from qwen25.data.config import DataConfig, declared_domains, to_dict
-from qwen25.data.decontam import EvalIndex, Hit
-from qwen25.data.dedup import Deduplicator, minhash_signature
-from qwen25.data.filters import RULE_NAMES, first_failure
-from qwen25.data.ledger import Ledger
+from qwen25.data.decontam import EvalIndex
+from qwen25.data.filters import RULE_NAMES
 from qwen25.data.manifest import NAME as MANIFEST, write_manifest
-from qwen25.data.ngrams import words
-from qwen25.data.normalize import dedup_key, normalize
-from qwen25.data.shards import ShardWriter, read_index, read_tokens, separator_id, tokenize
+from qwen25.data.run import CHECKPOINT, LENGTH_EDGES, Run, load_checkpoint, safe_name
+from qwen25.data.shards import ShardWriter, read_index, read_tokens, separator_id
 from qwen25.data.sources import Document, SourceStats, list_files, read_source
+from qwen25.data.workers import Skipped, results
 from qwen25.errors import UserError
 
-LENGTH_EDGES = [0] + [2**k for k in range(25)]  # document length histogram bins, in tokens
-_BATCH_BYTES = 4 << 20  # a work unit is at most batch_docs documents or about this many bytes
-_TOKENIZE_BYTES = 4 << 20  # survivors are tokenised in one encode_batch call per this many bytes
 
-
-# --------------------------------------------------------------------------------------
-# per-document work (runs in worker processes)
-# --------------------------------------------------------------------------------------
-
-
-@dataclass
-class Result:
-    """What a worker learned about one document."""
-
-    text: str  # normalised text
-    nbytes: int  # UTF-8 bytes of the normalised text
-    reason: str | None  # "empty" or "filter:<rule>" when dropped
-    key: bytes = b""  # exact-dedup key
-    signature: np.ndarray | None = None  # MinHash signature (near-dedup on)
-    hit: Hit | None = None  # eval-set overlap
-
-
-_WORKER: dict = {}
-
-
-def _init_worker(cfg: DataConfig, index: EvalIndex | None) -> None:
-    _WORKER.update(cfg=cfg, index=index, off={s.name: frozenset(s.disable_rules) for s in cfg.sources})
-
-
-def process_batch(docs: list[Document]) -> list[Result]:
-    """The order-independent work for a batch of documents (pure given the worker state)."""
-    cfg: DataConfig = _WORKER["cfg"]
-    index: EvalIndex | None = _WORKER["index"]
-    out = []
-    for doc in docs:
-        text = normalize(doc.text)
-        nbytes = len(text.encode("utf-8"))
-        if not text.strip():
-            out.append(Result(text, nbytes, "empty"))
-            continue
-        tokens = words(text)  # shared by the repetition rules, MinHash and decontamination
-        rule = first_failure(text, doc.kind, cfg.filters, _WORKER["off"].get(doc.source, frozenset()), tokens)
-        if rule:
-            out.append(Result(text, nbytes, f"filter:{rule}"))
-            continue
-        sig = (minhash_signature(tokens.hashes, cfg.dedup.shingle_size, cfg.dedup.num_perm, cfg.dedup.seed)
-               if cfg.dedup.near else None)
-        hit = index.check(tokens) if index is not None else None
-        out.append(Result(text, nbytes, None, dedup_key(text), sig, hit))
-    return out
-
-
-def _batches(docs: Iterator[Document], max_docs: int) -> Iterator[list[Document]]:
-    batch, size = [], 0
-    for doc in docs:
-        batch.append(doc)
-        size += len(doc.text)
-        if len(batch) >= max_docs or size >= _BATCH_BYTES:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
-
-
-def _results(cfg: DataConfig, index, docs: Iterator[Document]) -> Iterator[tuple[list[Document], list[Result]]]:
-    """(batch, results) in input order; worker processes keep at most 2 batches each in flight."""
-    batches = _batches(docs, cfg.batch_docs)
-    if cfg.num_workers == 0:
-        _init_worker(cfg, index)
-        for batch in batches:
-            yield batch, process_batch(batch)
-        return
-    ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads
-    with ProcessPoolExecutor(cfg.num_workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=(cfg, index)) as pool:
-        pending: deque = deque()
-        try:
-            for batch in batches:
-                pending.append((batch, pool.submit(process_batch, batch)))
-                if len(pending) >= 2 * cfg.num_workers:
-                    b, fut = pending.popleft()
-                    yield b, fut.result()
-            while pending:
-                b, fut = pending.popleft()
-                yield b, fut.result()
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
-
-
-# --------------------------------------------------------------------------------------
-# the driver
-# --------------------------------------------------------------------------------------
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "_"
-
-
-def _is_val(key: bytes, fraction: float) -> bool:
-    return fraction > 0 and int.from_bytes(key[:8], "little") < fraction * 2.0**64
-
-
-class _Run:
-    """The mutable state of one `prepare` call (writers, counters, listings)."""
-
-    def __init__(self, cfg: DataConfig, work: Path, tok, scorer, classifier):
-        self.cfg, self.work, self.tok, self.scorer, self.classifier = cfg, work, tok, scorer, classifier
-        self.eos = separator_id(tok)
-        self.ledger = Ledger(work / "drops.jsonl")
-        self.decontam = open(work / "decontam.jsonl", "w", encoding="utf-8")
-        self.dedup = Deduplicator(cfg.dedup)
-        self.writers: dict[tuple[str, str, str], ShardWriter] = {}
-        self.ids: dict[tuple[str, str, str], object] = {}  # staging doc-id listings (train)
-        self.domains: dict[str, Counter] = defaultdict(Counter)  # kept docs before mixing
-        self.lengths = np.zeros(len(LENGTH_EDGES) - 1, dtype=np.int64)
-        self.scores: dict[str, list[float]] = defaultdict(list)
-        self.pending: list[tuple[Document, Result]] = []  # survivors waiting for tokenisation
-        self.pending_bytes = 0
-
-    def writer(self, split: str, domain: str, source: str) -> ShardWriter:
-        key = (split, domain, source)
-        if key not in self.writers:
-            folder = self.work / ("staging" if split == "train" else split)
-            self.writers[key] = ShardWriter(folder, f"{_safe(domain)}.{_safe(source)}", self.eos,
-                                            self.cfg.shard_tokens, root=self.work,
-                                            split=split, domain=domain, source=source)
-            if split == "train":
-                self.ids[key] = open(folder / f"{_safe(domain)}.{_safe(source)}.ids", "w", encoding="utf-8")
-        return self.writers[key]
-
-    def decide(self, batch: list[Document], results: list[Result]) -> None:
-        """Order-dependent decisions (dedup, decontam) for one batch; survivors wait in `pending`."""
-        led = self.ledger
-        for doc, res in zip(batch, results):
-            led.seen(doc.source, res.nbytes)
-            if res.reason:
-                led.drop(doc.source, doc.id, res.reason)
-                continue
-            dup = self.dedup.check(res.key, res.signature, doc.id)
-            if dup:
-                led.drop(doc.source, doc.id, dup[0], dup[1])
-                continue
-            if res.hit:
-                h = res.hit
-                led.drop(doc.source, doc.id, h.rule, f"{h.eval_set}:{h.item}")
-                self.decontam.write(_json({"id": doc.id, "source": doc.source, "rule": h.rule,
-                                           "eval_set": h.eval_set, "item": h.item, "evidence": h.evidence}))
-                continue
-            self.pending.append((doc, res))
-            self.pending_bytes += res.nbytes
-        if self.pending_bytes >= _TOKENIZE_BYTES:
-            self.flush()
-
-    def flush(self) -> None:
-        """Score, tokenise and write the pending survivors (one batched encode call)."""
-        led = self.ledger
-        survivors, self.pending, self.pending_bytes = self.pending, [], 0
-        if self.scorer is not None and survivors:
-            from qwen25.data.quality import threshold_reason
-
-            scores = self.scorer.score([r.text for _, r in survivors])
-            kept = []
-            for (doc, res), s in zip(survivors, scores):
-                self.scores[doc.source].append(s)
-                reason = threshold_reason(self.cfg.quality, doc.source, s)
-                if reason:
-                    led.drop(doc.source, doc.id, reason, f"score={s:.4g}")
-                else:
-                    kept.append((doc, res))
-            survivors = kept
-        ids = tokenize(self.tok, [r.text for _, r in survivors])
-        for (doc, res), tokens in zip(survivors, ids):
-            if (tokens == self.eos).any():
-                led.drop(doc.source, doc.id, "eos_in_text")
-                continue
-            domain = doc.domain or self.classifier(doc)
-            split = "val" if _is_val(res.key, self.cfg.val_fraction) else "train"
-            self.writer(split, domain, doc.source).add(tokens, res.nbytes)
-            if split == "train":
-                self.ids[(split, domain, doc.source)].write(doc.id.replace("\n", " ") + "\n")
-            led.keep(doc.source)
-            c = self.domains[domain]
-            c["docs"] += 1
-            c["tokens"] += len(tokens) + 1
-            c["bytes"] += res.nbytes
-            self.lengths[min(int(np.searchsorted(LENGTH_EDGES, len(tokens) + 1, side="right")) - 1,
-                             len(self.lengths) - 1)] += 1
-
-    def close_stage_a(self) -> tuple[list, list]:
-        """Flush, close the writers: (train staging shards, val shards)."""
-        self.flush()
-        for f in self.ids.values():
-            f.close()
-        self.decontam.close()
-        shards = [s for w in self.writers.values() for s in w.close()]
-        return [s for s in shards if s.split == "train"], [s for s in shards if s.split == "val"]
-
-
-def _json(obj) -> str:
-    return json.dumps(obj, ensure_ascii=False) + "\n"
-
-
-def _mix(run: _Run, staging: list, progress: bool = False) -> tuple[list, dict]:
+def _mix(run: Run, staging: list, progress: bool = False) -> tuple[list, dict]:
     """Write the training shards with the domain mixture applied; returns (shards, mix report)."""
     cfg = run.cfg
     groups: dict[tuple[str, str], list] = defaultdict(list)
@@ -275,7 +71,7 @@ def _mix(run: _Run, staging: list, progress: bool = False) -> tuple[list, dict]:
     after: Counter = Counter()
     out = []
     for (domain, source), shards in sorted(groups.items()):
-        name = f"{_safe(domain)}.{_safe(source)}"
+        name = f"{safe_name(domain)}.{safe_name(source)}"
         tokens = [read_tokens(run.work / s.path) for s in shards]
         index = np.concatenate([read_index(run.work / s.index) for s in shards])  # [docs, 2]
         # Document j of the group lies in staging shard shard_of[j] at [start[j], end[j]) (EOS last).
@@ -321,14 +117,47 @@ def _split_summary(shards: list) -> dict:
             "domains": agg("domain"), "sources": agg("source")}
 
 
-def _prepare_out(out: Path) -> Path:
+def _prepare_out(out: Path, fingerprint: str) -> tuple[Path, dict | None]:
+    """The work folder `<out>.partial` and the resume point in it for this run (or None: fresh)."""
     if out.exists() and any(out.iterdir()) and not (out / MANIFEST).is_file():
         raise UserError(f"output folder {out} exists and is not a qwen25 dataset; choose another --out "
                         "or empty it")
     work = out.with_name(out.name + ".partial")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    return work
+    state = load_checkpoint(work, fingerprint)
+    if state is None:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+    return work, state
+
+
+def _fingerprint(cfg: DataConfig, tokenizer, files: dict[str, list]) -> str:
+    """What a resume point must agree with: the config (but not how many workers run it), the
+    tokenizer, and every input file's size and modification time."""
+    data = to_dict(cfg)
+    data.pop("num_workers")
+    inputs = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for fs in files.values() for p, _ in fs]
+    blob = json.dumps([data, getattr(tokenizer, "vocab_size", None), separator_id(tokenizer), inputs],
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _records(cfg: DataConfig, stats: dict[str, SourceStats], skip_first: int) -> Iterator:
+    """Every input record in order, documents and `Skipped` alike, after the first `skip_first`
+    (already decided in an earlier, interrupted run)."""
+    n = 0
+    for src in cfg.sources:
+        skipped: list[Skipped] = []
+        for doc in read_source(src, lambda r, s, i: skipped.append(Skipped(r, s, i)), stats[src.name],
+                               cfg.strict):
+            for item in (*skipped, doc):
+                n += 1
+                if n > skip_first:
+                    yield item
+            skipped.clear()
+        for item in skipped:
+            n += 1
+            if n > skip_first:
+                yield item
 
 
 def _swap(work: Path, out: Path) -> None:
@@ -340,7 +169,7 @@ def _swap(work: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _manifest(cfg: DataConfig, run: _Run, tokenizer, stats: dict[str, SourceStats], train: list, val: list,
+def _manifest(cfg: DataConfig, run: Run, tokenizer, stats: dict[str, SourceStats], train: list, val: list,
               mix_report: dict, timing: dict) -> dict:
     """The manifest of a finished run (schema: `qwen25.data.manifest`)."""
     return {
@@ -362,8 +191,8 @@ def _manifest(cfg: DataConfig, run: _Run, tokenizer, stats: dict[str, SourceStat
         "shards": [s.__dict__ for s in train + val],
         "listings": {"drops": "drops.jsonl", "decontam": "decontam.jsonl"},
         "quality": ({"scorer": cfg.quality.scorer, "model": cfg.quality.model,
-                     "sources": {k: {"scored": len(v), "mean": float(np.mean(v)), "min": float(np.min(v)),
-                                     "max": float(np.max(v))} for k, v in sorted(run.scores.items())}}
+                     "sources": {k: {"scored": n, "mean": total / n, "min": lo, "max": hi}
+                                 for k, (n, total, lo, hi) in sorted(run.scores.items())}}
                     if run.scores else None),
         "timing": timing,
     }
@@ -400,32 +229,40 @@ def prepare(cfg: DataConfig, tokenizer=None, classifier: Callable[[Document], st
 
         scorer = build_scorer(cfg.quality)
     classifier = classifier or mixing.KeywordClassifier(cfg.mix.keywords, cfg.mix.default_domain)
+    fingerprint = _fingerprint(cfg, tokenizer, files)
     out = Path(cfg.out)
-    work = _prepare_out(out)
-    run = _Run(cfg, work, tokenizer, scorer, classifier)
+    work, state = _prepare_out(out, fingerprint)
+    run = Run(cfg, work, tokenizer, scorer, classifier, fingerprint, state)
+    if state is not None and progress:
+        print(f"resuming {work} after {run.records:,} records ({run.text_bytes / 1e6:.1f} MB of text)",
+              file=sys.stderr)
     stats = {s.name: SourceStats() for s in cfg.sources}
-
-    def docs() -> Iterator[Document]:
-        for src in cfg.sources:
-            yield from read_source(src, run.ledger.skip, stats[src.name], cfg.strict)
-
+    every = int(cfg.checkpoint_mb * 1e6)
     try:
         # Progress in raw input bytes (compressed bytes for .gz), as the ingest reads them.
         bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", disable=not progress,
                    file=sys.stderr)
-        for batch, results in _results(cfg, index, docs()):
-            run.decide(batch, results)
+        for batch, res in results(cfg, index, _records(cfg, stats, run.records)):
+            before = run.text_bytes
+            run.decide(batch, res)
+            if every and run.text_bytes // every > before // every:
+                run.checkpoint()
             bar.update(sum(s.bytes_read for s in stats.values()) - bar.n)
             bar.set_postfix(kept=sum(run.ledger.kept.values()), refresh=False)
         bar.close()
         staging, val = run.close_stage_a()
         train, mix_report = _mix(run, staging, progress)
         shutil.rmtree(work / "staging", ignore_errors=True)
+        for p in [work / CHECKPOINT, *work.glob("dedup_*")]:  # resume state is not part of the output
+            p.unlink(missing_ok=True)
         run.ledger.close()
         run.ledger.check()
     except BaseException:
         run.ledger.close()
-        shutil.rmtree(work, ignore_errors=True)  # the previous output, if any, stays untouched
+        if not (work / CHECKPOINT).is_file():  # nothing to resume from: leave no trace
+            shutil.rmtree(work, ignore_errors=True)
+        elif progress:
+            print(f"interrupted: rerun the same command to resume from {work / CHECKPOINT}", file=sys.stderr)
         raise
     seconds = time.perf_counter() - t0
     manifest = _manifest(cfg, run, tokenizer, stats, train, val, mix_report,

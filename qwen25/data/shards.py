@@ -137,6 +137,29 @@ class ShardWriter:
             tokens=self._tokens, docs=len(self._index), bytes=int(sum(b for _, b in self._index)),
             sha256=self._sha.hexdigest(), **self.labels))
 
+    def roll(self) -> None:
+        """Close the open shard (if it holds documents) and open the next: everything added so
+        far is then in complete, renamed files (a resume point)."""
+        if self._index:
+            self._close_current()
+            self._open()
+
+    def state(self) -> dict:
+        """The closed shards, JSON-ready (call `roll` first so nothing is left open)."""
+        return {"shards": [s.__dict__ for s in self.shards]}
+
+    @classmethod
+    def resume(cls, state: dict, folder: Path, prefix: str, eos: int, shard_tokens: int, root: Path,
+               **labels: str) -> ShardWriter:
+        """A writer that continues after the shards of `state` (later files are the caller's to remove)."""
+        w = cls.__new__(cls)
+        w.folder, w.prefix, w.eos, w.shard_tokens, w.root = Path(folder), prefix, int(eos), shard_tokens, Path(root)
+        w.labels = labels
+        w.shards = [ShardInfo(**s) for s in state["shards"]]
+        w._eos = np.array([w.eos], dtype=DTYPE)
+        w._open()
+        return w
+
     def close(self) -> list[ShardInfo]:
         """Finish the open shard (an empty one is discarded) and return every shard written."""
         if self._f is not None:
