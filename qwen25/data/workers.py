@@ -57,7 +57,7 @@ class Result:
 _WORKER: dict = {}
 
 
-def _init_worker(cfg: DataConfig, index: EvalIndex | None) -> None:
+def init_worker(cfg: DataConfig, index: EvalIndex | None) -> None:
     _WORKER.update(cfg=cfg, index=index, off={s.name: frozenset(s.disable_rules) for s in cfg.sources})
 
 
@@ -103,12 +103,12 @@ def results(cfg: DataConfig, index: EvalIndex | None, docs: Iterator) -> Iterato
     """(batch, results) in input order; worker processes keep at most 2 batches each in flight."""
     batches = _batches(docs, cfg.batch_docs)
     if cfg.num_workers == 0:
-        _init_worker(cfg, index)
+        init_worker(cfg, index)
         for batch in batches:
             yield batch, process_batch(batch)
         return
     ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads
-    with ProcessPoolExecutor(cfg.num_workers, mp_context=ctx, initializer=_init_worker,
+    with ProcessPoolExecutor(cfg.num_workers, mp_context=ctx, initializer=init_worker,
                              initargs=(cfg, index)) as pool:
         pending: deque = deque()
         try:
