@@ -102,7 +102,8 @@ def render(m: dict[str, Any], images: list[str]) -> str:
     rows = []
     for split, info in m["splits"].items():
         for d, c in info["domains"].items():
-            rows.append([split, d, c["docs"], c["tokens"], c["bytes"], c["bytes"] / c["tokens"] if c["tokens"] else 0.0])
+            bpt = c["bytes"] / c["tokens"] if c["tokens"] else 0.0
+            rows.append([split, d, c["docs"], c["tokens"], c["bytes"], bpt])
         rows.append([split, "**all**", info["docs"], info["tokens"], info["bytes"], info["bytes_per_token"] or 0.0])
     parts.append("## Output\n\nTraining counts include repeats from mixing. Bits per byte = loss (nats/token) "
                  "/ (bytes per token × ln 2).\n\n" + _table(
@@ -116,7 +117,8 @@ def render(m: dict[str, Any], images: list[str]) -> str:
     drops = m["counts"]["drops"]
     reasons = sorted(drops, key=lambda r: -drops[r])
     parts.append("## Dropped documents\n\nEvery input document is in the output or counted here "
-                 f"(listing: `{m['listings']['drops']}`; eval-set overlaps: `{m['listings']['decontam']}`).\n\n" + _table(
+                 f"(listing: `{m['listings']['drops']}`; "
+                 f"eval-set overlaps: `{m['listings']['decontam']}`).\n\n" + _table(
                      ["reason", "total", *src.keys()],
                      [[r, drops[r], *[c["drops"].get(r, 0) for c in src.values()]] for r in reasons]))
     if m.get("quality"):

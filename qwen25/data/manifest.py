@@ -64,7 +64,8 @@ def load_manifest(path: str | Path) -> dict[str, Any]:
     except ValueError as e:
         raise UserError(f"data manifest {p} is not valid JSON ({e}); re-run `qwen25 data prepare`") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise UserError(f"{p} is not a qwen25 data manifest (format {m.get('format') if isinstance(m, dict) else None!r})")
+        found = m.get("format") if isinstance(m, dict) else None
+        raise UserError(f"{p} is not a qwen25 data manifest (format {found!r})")
     if m.get("version") != VERSION:
         raise UserError(f"data manifest {p} has version {m.get('version')}, this qwen25 reads {VERSION}; "
                         "re-run `qwen25 data prepare`")

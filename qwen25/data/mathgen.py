@@ -55,7 +55,8 @@ def pages_left(r):
     n, per, days = _name(r), r.randint(8, 30), r.randint(2, 9)
     total = per * days + r.randint(5, 120)
     q = f"A novel has {total} pages. {n} reads {per} pages every day. How many pages remain unread after {days} days?"
-    s = f"In {days} days {n} reads {per} x {days} = {per * days} pages, leaving {total} - {per * days} = {total - per * days}."
+    s = (f"In {days} days {n} reads {per} x {days} = {per * days} pages, "
+         f"leaving {total} - {per * days} = {total - per * days}.")
     return q, s, total - per * days
 
 
@@ -112,7 +113,8 @@ def batches(r):
     food = r.choice(("cookies", "muffins", "scones", "rolls", "pancakes"))
     q = (f"One batch of {food} uses {per} cups of flour. {_name(r)} makes {count} batches and "
          f"spills {extra} cups. How much flour was used in total?")
-    s = f"The batches need {per} x {count} = {per * count} cups; with the spill, {per * count} + {extra} = {per * count + extra} cups."
+    s = (f"The batches need {per} x {count} = {per * count} cups; "
+         f"with the spill, {per * count} + {extra} = {per * count + extra} cups.")
     return q, s, per * count + extra
 
 

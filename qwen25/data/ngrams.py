@@ -26,7 +26,8 @@ _FOLD = np.arange(1, 257, dtype=np.uint64)  # byte value + 1 (no zero terms), AS
 _FOLD[65:91] += 32
 _P = 0x100000001B3  # polynomial base for the bytes of a word
 # Odd 64-bit multipliers, one per position inside an n-gram (fixed seed: every process agrees).
-_MULTIPLIERS = np.random.default_rng(0x5157454E).integers(1, 2**63, size=64, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+_MULTIPLIERS = (np.random.default_rng(0x5157454E).integers(1, 2**63, size=64, dtype=np.uint64)
+                * np.uint64(2) + np.uint64(1))
 _POWERS = [np.ones(1, np.uint64)]  # P^i, grown to the longest word seen
 
 
