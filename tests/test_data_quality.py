@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 
 import pytest
 import torch
 
 from qwen25.checkpoint import save_model
 from qwen25.config import ModelConfig
-from qwen25.data.config import DataConfig, DedupConfig, FilterConfig, QualityConfig, SourceConfig
+from qwen25.data.config import DataConfig, DedupConfig, FilterConfig, MixConfig, QualityConfig, SourceConfig
 from qwen25.data.pipeline import prepare
-from qwen25.data.quality import JudgeScorer, PerplexityScorer, threshold_reason
+from qwen25.data.quality import JudgeScorer, ModelDomainClassifier, PerplexityScorer, threshold_reason
+from qwen25.data.sources import Document
 from qwen25.model import build_model
 
 DOCS = ["The cat sat on the mat and looked out of the window at the rain.",
@@ -68,6 +70,20 @@ def test_judge_matches_full_softmax_and_is_batch_invariant(model, tok):
     assert [j.expected for j in judge.judge(DOCS[2:3])] == pytest.approx([got[2].expected], abs=1e-5)
 
 
+def test_model_domain_classifier_matches_full_softmax(model, tok):
+    clf = ModelDomainClassifier(model, tok, ["code", "literature", "math"], max_doc_tokens=16)
+    labels = [tok.encode(str(i))[0] for i in range(3)]
+    probs = clf.probs(DOCS)
+    for text, p in zip(DOCS, probs):
+        ids = clf.prompt_ids(text)
+        assert "0: code\n1: literature\n2: math" in tok.decode(ids)
+        with torch.no_grad():
+            full = torch.softmax(model(torch.tensor([ids]))[0, -1].double(), -1)
+        q = full[labels] / full[labels].sum()
+        assert p.tolist() == pytest.approx(q.tolist(), abs=1e-4)
+        assert clf(Document(text, "s", "i")) == ["code", "literature", "math"][int(q.argmax())]
+
+
 def test_thresholds_per_source():
     q = QualityConfig("perplexity", "m", max_perplexity={"web": 50.0, "*": 500.0})
     assert threshold_reason(q, "web", 60.0) == "quality_perplexity"
@@ -84,13 +100,19 @@ def test_pipeline_drops_by_score_and_accounts_for_it(tmp_path, model, tok):
     scores = PerplexityScorer(model, tok, 32, 4).score(
         [json.loads(x)["text"] for x in lines])
     cut = sorted(scores)[len(scores) // 2]
-    cfg = DataConfig(sources=(SourceConfig("web", str(tmp_path / "in.jsonl"), domain="web"),),
+    # No source domain: the same checkpoint classifies the documents into a / b / general.
+    cfg = DataConfig(sources=(SourceConfig("web", str(tmp_path / "in.jsonl")),),
                      out=str(tmp_path / "out"), num_workers=0, val_fraction=0.0,
                      filters=FilterConfig(enabled=False), dedup=DedupConfig(near=False),
                      quality=QualityConfig("perplexity", str(tmp_path / "ckpt"), tokenizer="qwen2.5",
-                                           max_tokens=32, max_perplexity={"web": cut}))
+                                           max_tokens=32, max_perplexity={"web": cut}),
+                     mix=MixConfig(keywords={"a": (), "b": ()}, classifier_model=str(tmp_path / "ckpt"),
+                                   classifier_tokenizer="qwen2.5"))
     m = json.loads(prepare(cfg, tokenizer=tok, progress=False).read_text())
     web = m["counts"]["sources"]["web"]
     assert web["drops"]["quality_perplexity"] == sum(s > cut for s in scores)
     assert web["kept"] == sum(s <= cut for s in scores)
     assert m["quality"]["sources"]["web"]["scored"] == len(lines)
+    clf = ModelDomainClassifier(model, tok, ["a", "b", "general"])
+    expected = Counter(clf(Document(json.loads(x)["text"], "web", "i")) for x, s in zip(lines, scores) if s <= cut)
+    assert {d: c["docs"] for d, c in m["counts"]["domains"].items()} == dict(expected)

@@ -136,6 +136,8 @@ class MixConfig:
     seed: int = 0  # seeds the choice of documents for fractional repeats / down-sampling
     keywords: dict[str, tuple[str, ...]] = field(default_factory=dict)  # classifier: domain -> keywords
     default_domain: str = "general"  # classifier: domain when no keyword matches
+    classifier_model: str = ""  # chat checkpoint choosing among keywords' domains + default ("": keywords)
+    classifier_tokenizer: str = ""  # tokenizer of that checkpoint ("" -> the checkpoint folder)
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,9 @@ The report classifies documents by domain with Qwen2-Instruct, down-samples over
 domains and up-samples high-value ones (qwen25-spec §3.1; no proportions published). Here:
 
 - Domain: the source's own `domain`, else `KeywordClassifier` (lowercased word counts against
-  per-domain keyword lists). Any callable `Document -> str` can replace it (a model-based
-  classifier, for example) through `pipeline.prepare(..., classifier=...)`.
+  per-domain keyword lists), else, with `mix.classifier_model`, a chat checkpoint choosing
+  among the same domains (`quality.ModelDomainClassifier`, the report's approach). Any
+  callable `Document -> str` can replace either through `pipeline.prepare(..., classifier=...)`.
 - Rates: domain d holds T_d tokens before mixing; with weights w (normalised over the domains
   that have tokens) and a total T* (default sum T_d), the rate is r_d = w_d * T* / T_d,
   optionally capped at `max_repeats`.

@@ -228,6 +228,11 @@ def prepare(cfg: DataConfig, tokenizer=None, classifier: Callable[[Document], st
         from qwen25.data.quality import build_scorer  # torch is imported only when scoring
 
         scorer = build_scorer(cfg.quality)
+    if classifier is None and cfg.mix.classifier_model:
+        from qwen25.data.quality import build_classifier
+
+        classifier = build_classifier(cfg.mix.classifier_model, cfg.mix.classifier_tokenizer,
+                                      [*sorted(cfg.mix.keywords), cfg.mix.default_domain])
     classifier = classifier or mixing.KeywordClassifier(cfg.mix.keywords, cfg.mix.default_domain)
     fingerprint = _fingerprint(cfg, tokenizer, files)
     out = Path(cfg.out)
