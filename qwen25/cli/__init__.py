@@ -20,6 +20,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "inspect": ("inspect", "print a checkpoint's config, parameter counts and memory"),
     "demo": ("demo", "build a small random model, save, load and generate from it"),
     "tokenizer": ("tokenizer", "encode, decode, train or export a byte-level BPE tokenizer"),
+    "data": ("data", "pretraining data: fetch built-in corpora, prepare shards, stats"),
 }
 
 
