@@ -84,7 +84,7 @@ class SamplingParams:
             raise bad(f"seed={self.seed!r} must be an integer or None")
         for t in self.stop_token_ids or ():
             if not _is_int(t) or not 0 <= t < vocab_size:
-                raise bad(f"stop token id {t!r} is outside the vocabulary [0, {vocab_size})")
+                raise bad(f"stop_token_ids: {t!r} is outside the vocabulary [0, {vocab_size})")
 
 
 def _is_int(v) -> bool:
