@@ -4,14 +4,16 @@ Every test runs on each decode path this machine has: "torch" (the PyTorch model
 "portable" (the C++ decoder, plain C++) and "auto" (the AVX-512 kernels where the CPU has
 them, else the PyTorch model), so no path goes untested and nothing is skipped.
 
-Reference weights: a random `transformers` Qwen2ForCausalLM (fp32), saved with
-save_pretrained and read back with `qwen25.load_model`.
+Reference weights: a random `transformers` Qwen2ForCausalLM (fp32; every parameter, biases
+and norm scales included, is noise), saved with save_pretrained and read back with
+`qwen25.load_model`.
 """
 
 import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from conftest import randomize_
 from qwen25 import Engine, load_model
 from qwen25.errors import UserError
 
@@ -24,10 +26,9 @@ PROMPTS = [[5, 17, 200, 33, 9], [101, 7, 7, 300, 2, 64, 19, 480, 3, 77, 15], [12
 def checkpoint(tmp_path_factory):
     cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      rope_theta=10000.0, tie_word_embeddings=False, initializer_range=0.1,
-                      eos_token_id=EOS, bos_token_id=EOS)
+                      rope_theta=10000.0, tie_word_embeddings=False, eos_token_id=EOS, bos_token_id=EOS)
     torch.manual_seed(0)
-    hf = Qwen2ForCausalLM(cfg).eval()
+    hf = randomize_(Qwen2ForCausalLM(cfg), seed=0, std=0.1).eval()
     path = tmp_path_factory.mktemp("hf")
     hf.save_pretrained(path)
     return hf, path
