@@ -129,7 +129,7 @@ class FastDecoder:
         model = self.model
         M = tokens.shape[0]
         x = model.model.embed_tokens(tokens).contiguous()  # [M, h]
-        cos, sin = cos_sin(model.rope_inv_freq(), positions, model.attention_scaling, dtype=self.dtype)
+        cos, sin = cos_sin(model.rope_inv_freq(positions), positions, model.attention_scaling, dtype=self.dtype)
         cos, sin = cos.contiguous(), sin.contiguous()  # [M, head_dim]
         slots = slots.contiguous()
         positions = positions.contiguous()
