@@ -223,3 +223,27 @@ def test_bad_engine_arguments(model):
         Engine(model, max_batch_size=0)
     with pytest.raises(UserError, match="max_seq_len"):
         Engine(model, max_seq_len=1)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_decode_over_a_long_context_equals_a_full_forward(model, path):
+    """Past 512 cached keys the C++ attention splits the keys into blocks and merges them;
+    a short row decodes in the same batch."""
+    engine = Engine(model, max_batch_size=2, max_seq_len=1400, decode=path)
+    runner = engine.runner
+    g = torch.Generator().manual_seed(3)
+    long_seq = torch.randint(0, VOCAB, (1300,), generator=g).tolist()
+    short_seq = [5, 6, 7]
+    runner.prefill(1, long_seq[:1100], want_logits=False)
+    runner.prefill(0, short_seq, want_logits=False)
+    for n_long in (1101, 1102, 1300):
+        gap = long_seq[runner.cache.lengths[1]:n_long - 1]
+        if gap:  # skip ahead
+            runner.prefill(1, gap, want_logits=False)
+        logits = runner.decode([1, 0], [long_seq[n_long - 1], 11])
+        short_seq.append(11)
+        with torch.no_grad():
+            full_long = model(torch.tensor([long_seq[:n_long]]))[0, -1]
+            full_short = model(torch.tensor([short_seq]))[0, -1]
+        torch.testing.assert_close(logits[0], full_long, atol=5e-5, rtol=1e-5)
+        torch.testing.assert_close(logits[1], full_short, atol=5e-5, rtol=1e-5)

@@ -69,12 +69,14 @@ template <> inline float rnd<bf16>(float v) { return bf16_to_f32(f32_to_bf16(v))
 template <typename T>
 using RowsFn = void (*)(const T* W, int64_t K, const T* x, int64_t M, float* y, int64_t ldy,
                         int64_t n0, int64_t n1);
-// scores[t] = scale * sum_i q[i] * k[t * d + i]; q fp32 [d], keys of dtype T.
+// For G query heads sharing one KV head (GQA): scores[h * stride + t] = scale * q[h] . k[t],
+// q fp32 [G, d], keys [L, d] of dtype T.
 template <typename T>
-using ScoresFn = void (*)(const float* q, const T* k, int64_t L, int64_t d, float scale, float* scores);
-// out[i] += sum_t p[t] * v[t * d + i]
+using ScoresFn = void (*)(const float* q, int64_t G, const T* k, int64_t L, int64_t d, float scale,
+                          float* scores, int64_t stride);
+// out[h * d + i] += sum_t p[h * stride + t] * v[t * d + i]
 template <typename T>
-using MixFn = void (*)(const float* p, const T* v, int64_t L, int64_t d, float* out);
+using MixFn = void (*)(const float* p, int64_t G, int64_t stride, const T* v, int64_t L, int64_t d, float* out);
 // x[i] = exp(x[i] - shift); returns the sum of the results.
 using ExpSumFn = float (*)(float* x, int64_t n, float shift);
 // silu(g) for a vector: g / (1 + exp(-g)), fp32.
@@ -96,18 +98,21 @@ template <typename T> void rows_portable(const T* W, int64_t K, const T* x, int6
   }
 }
 
-template <typename T> void scores_portable(const float* q, const T* k, int64_t L, int64_t d,
-                                           float scale, float* scores) {
-  for (int64_t t = 0; t < L; ++t) {
-    float acc = 0.f;
-    for (int64_t i = 0; i < d; ++i) acc += q[i] * ld(k, t * d + i);
-    scores[t] = acc * scale;
-  }
+template <typename T> void scores_portable(const float* q, int64_t G, const T* k, int64_t L, int64_t d,
+                                           float scale, float* scores, int64_t stride) {
+  for (int64_t t = 0; t < L; ++t)
+    for (int64_t h = 0; h < G; ++h) {
+      float acc = 0.f;
+      for (int64_t i = 0; i < d; ++i) acc += q[h * d + i] * ld(k, t * d + i);
+      scores[h * stride + t] = acc * scale;
+    }
 }
 
-template <typename T> void mix_portable(const float* p, const T* v, int64_t L, int64_t d, float* out) {
+template <typename T> void mix_portable(const float* p, int64_t G, int64_t stride, const T* v, int64_t L,
+                                        int64_t d, float* out) {
   for (int64_t t = 0; t < L; ++t)
-    for (int64_t i = 0; i < d; ++i) out[i] += p[t] * ld(v, t * d + i);
+    for (int64_t h = 0; h < G; ++h)
+      for (int64_t i = 0; i < d; ++i) out[h * d + i] += p[h * stride + t] * ld(v, t * d + i);
 }
 
 float expsum_portable(float* x, int64_t n, float shift) {
@@ -239,33 +244,44 @@ void rows_avx512(const T* W, int64_t K, const T* x, int64_t M, float* y, int64_t
 }
 
 template <typename T>
-void scores_avx512(const float* q, const T* k, int64_t L, int64_t d, float scale, float* scores) {
+inline __m512 load16(const T* p, __mmask16 mk) {
+  if constexpr (sizeof(T) == 2) return cvt_bf16x16(_mm256_maskz_loadu_epi16(mk, p));
+  else return _mm512_maskz_loadu_ps(mk, p);
+}
+
+// Each key row is loaded once (it stays in L1 while the G heads use it).
+template <typename T>
+void scores_avx512(const float* q, int64_t G, const T* k, int64_t L, int64_t d, float scale, float* scores,
+                   int64_t stride) {
   for (int64_t t = 0; t < L; ++t) {
     const T* kt = k + t * d;
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t i = 0; i < d; i += 16) {
-      __mmask16 mk = tail16(d - i);
-      __m512 kv;
-      if constexpr (sizeof(T) == 2) kv = cvt_bf16x16(_mm256_maskz_loadu_epi16(mk, kt + i));
-      else kv = _mm512_maskz_loadu_ps(mk, kt + i);
-      acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, q + i), kv, acc);
+    for (int64_t h = 0; h < G; ++h) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t i = 0; i < d; i += 16) {
+        __mmask16 mk = tail16(d - i);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, q + h * d + i), load16(kt + i, mk), acc);
+      }
+      scores[h * stride + t] = _mm512_reduce_add_ps(acc) * scale;
     }
-    scores[t] = _mm512_reduce_add_ps(acc) * scale;
   }
 }
 
+// 16 output dims of up to 8 heads live in registers while the keys stream past.
 template <typename T>
-void mix_avx512(const float* p, const T* v, int64_t L, int64_t d, float* out) {
+void mix_avx512(const float* p, int64_t G, int64_t stride, const T* v, int64_t L, int64_t d, float* out) {
   for (int64_t i = 0; i < d; i += 16) {
     __mmask16 mk = tail16(d - i);
-    __m512 acc = _mm512_maskz_loadu_ps(mk, out + i);
-    for (int64_t t = 0; t < L; ++t) {
-      __m512 vv;
-      if constexpr (sizeof(T) == 2) vv = cvt_bf16x16(_mm256_maskz_loadu_epi16(mk, v + t * d + i));
-      else vv = _mm512_maskz_loadu_ps(mk, v + t * d + i);
-      acc = _mm512_fmadd_ps(_mm512_set1_ps(p[t]), vv, acc);
+    for (int64_t h0 = 0; h0 < G; h0 += 8) {
+      int64_t hn = std::min<int64_t>(8, G - h0);
+      __m512 acc[8];
+      for (int64_t h = 0; h < hn; ++h) acc[h] = _mm512_maskz_loadu_ps(mk, out + (h0 + h) * d + i);
+      for (int64_t t = 0; t < L; ++t) {
+        __m512 vv = load16(v + t * d + i, mk);
+        for (int64_t h = 0; h < hn; ++h)
+          acc[h] = _mm512_fmadd_ps(_mm512_set1_ps(p[(h0 + h) * stride + t]), vv, acc[h]);
+      }
+      for (int64_t h = 0; h < hn; ++h) _mm512_mask_storeu_ps(out + (h0 + h) * d + i, mk, acc[h]);
     }
-    _mm512_mask_storeu_ps(out + i, mk, acc);
   }
 }
 
@@ -393,22 +409,87 @@ void rmsnorm(const float* x, const T* weight, int64_t M, int64_t H, float eps, T
   }
 }
 
+// Keys per attention work item. Fixed, so a row's result never depends on the batch or the
+// thread count; long contexts still spread over all cores.
+constexpr int64_t KV_SPLIT = 512;
+
+// Decode attention for M new tokens: one work item per (row, KV head, 512-key block) covers
+// the G query heads sharing that KV head, so each key and value is read once per step.
+// Blocks keep (max, sum of exp, unnormalised output) and are merged in a fixed order, as in
+// flash-decoding. q [M, Hq, d] fp32; writes out [M, Hq * d] in T (the model rounds SDPA's
+// output to the compute dtype).
+template <typename T>
+void attention(const Kernels<T>& kern, const Decoder& D, int64_t M, const float* q, const T* kc, const T* vc,
+               const int64_t* slot, const int64_t* pos, T* out, int nthreads) {
+  const int64_t d = D.head_dim, Hkv = D.n_kv, G = D.n_heads / D.n_kv, Nq = D.n_heads * d;
+  const float scale = 1.f / std::sqrt(float(d));
+  struct Task { int64_t m, j, s; };
+  std::vector<Task> tasks;
+  std::vector<int64_t> first(size_t(M + 1));  // tasks of row m start at first[m] (per KV head: S_m)
+  for (int64_t m = 0; m < M; ++m) {
+    first[size_t(m)] = int64_t(tasks.size());
+    int64_t S = (pos[m] + 1 + KV_SPLIT - 1) / KV_SPLIT;
+    for (int64_t j = 0; j < Hkv; ++j)
+      for (int64_t s = 0; s < S; ++s) tasks.push_back({m, j, s});
+  }
+  first[size_t(M)] = int64_t(tasks.size());
+  const int64_t per = G * (d + 2);  // one task's partial result: G x (out[d], max, sum)
+  std::vector<float> part(tasks.size() * size_t(per));
+  std::vector<float> scratch(size_t(std::max(nthreads, 1)) * size_t(G * KV_SPLIT));
+  const int64_t nt = int64_t(tasks.size());
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1 && nt > 1)
+  for (int64_t i = 0; i < nt; ++i) {
+    const Task tk = tasks[size_t(i)];
+    const int64_t t0 = tk.s * KV_SPLIT, n = std::min(KV_SPLIT, pos[tk.m] + 1 - t0);
+    const int64_t base = ((slot[tk.m] * Hkv + tk.j) * D.max_seq + t0) * d;
+    float* sc = scratch.data() + size_t(omp_get_thread_num()) * size_t(G * KV_SPLIT);
+    float* res = part.data() + i * per;
+    kern.scores(q + tk.m * Nq + tk.j * G * d, G, kc + base, n, d, scale, sc, KV_SPLIT);
+    for (int64_t h = 0; h < G; ++h) {
+      float* row = sc + h * KV_SPLIT;
+      float mx = row[0];
+      for (int64_t t = 1; t < n; ++t) mx = std::max(mx, row[t]);
+      res[G * d + 2 * h] = mx;
+      res[G * d + 2 * h + 1] = kern.expsum(row, n, mx);
+    }
+    std::fill(res, res + G * d, 0.f);
+    kern.mix(sc, G, KV_SPLIT, vc + base, n, d, res);
+  }
+  // merge the blocks of each (row, KV head, head): softmax over all keys = rescaled sums
+  for (int64_t m = 0; m < M; ++m) {
+    const int64_t S = (first[size_t(m + 1)] - first[size_t(m)]) / Hkv;
+    for (int64_t j = 0; j < Hkv; ++j)
+      for (int64_t h = 0; h < G; ++h) {
+        const float* blocks = part.data() + (first[size_t(m)] + j * S) * per;
+        float mx = -INFINITY;
+        for (int64_t s = 0; s < S; ++s) mx = std::max(mx, blocks[s * per + G * d + 2 * h]);
+        float denom = 0.f;
+        float acc[512];
+        std::fill(acc, acc + d, 0.f);
+        for (int64_t s = 0; s < S; ++s) {
+          const float* b = blocks + s * per;
+          float f = S == 1 ? 1.f : std::exp(b[G * d + 2 * h] - mx);
+          denom += f * b[G * d + 2 * h + 1];
+          for (int64_t i = 0; i < d; ++i) acc[i] += f * b[h * d + i];
+        }
+        T* o = out + m * Nq + (j * G + h) * d;
+        for (int64_t i = 0; i < d; ++i) st(o, i, acc[i] / denom);
+      }
+  }
+}
+
 template <typename T>
 int step_impl(const Decoder& D, int64_t M, const T* x_in, const T* cos, const T* sin, const int64_t* slot,
               const int64_t* pos, float* logits, int nthreads) {
   const Kernels<T> kern = kernels_for<T>(D.isa);
   const int64_t H = D.hidden, I = D.inter, d = D.head_dim, Hq = D.n_heads, Hkv = D.n_kv;
-  const int64_t g = Hq / Hkv, Nq = Hq * d, Nkv = Hkv * d, Nqkv = Nq + 2 * Nkv, half = d / 2;
-  const float scale = 1.f / std::sqrt(float(d));
+  const int64_t Nq = Hq * d, Nkv = Hkv * d, Nqkv = Nq + 2 * Nkv, half = d / 2;
   for (int64_t m = 0; m < M; ++m)
     if (slot[m] < 0 || slot[m] >= D.slots || pos[m] < 0 || pos[m] >= D.max_seq) return 1;
 
   std::vector<float> resid(size_t(M * H)), qkv(size_t(M * Nqkv)), gu(size_t(M * 2 * I)), tmp(size_t(M * H));
   std::vector<T> h(size_t(M * H)), attn(size_t(M * Nq)), act(size_t(M * I));
   std::vector<float> q_rot(size_t(M * Nq));
-  int64_t max_len = 0;
-  for (int64_t m = 0; m < M; ++m) max_len = std::max(max_len, pos[m] + 1);
-  std::vector<float> scratch(size_t(std::max(nthreads, 1)) * size_t(max_len + d));
   for (int64_t i = 0; i < M * H; ++i) resid[size_t(i)] = ld(x_in, i);
 
   for (int64_t l = 0; l < D.n_layers; ++l) {
@@ -446,22 +527,7 @@ int step_impl(const Decoder& D, int64_t M, const T* x_in, const T* cos, const T*
         }
       }
     }
-    // One work item per (row, query head); query head hq reads KV head hq / g (GQA).
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1)
-    for (int64_t task = 0; task < M * Hq; ++task) {
-      int64_t m = task / Hq, hq = task % Hq, j = hq / g, L = pos[m] + 1;
-      float* sc = scratch.data() + size_t(omp_get_thread_num()) * size_t(max_len + d);
-      float* out = sc + max_len;
-      int64_t base = (slot[m] * Hkv + j) * D.max_seq * d;
-      kern.scores(q_rot.data() + m * Nq + hq * d, kc + base, L, d, scale, sc);
-      float mx = sc[0];
-      for (int64_t t = 1; t < L; ++t) mx = std::max(mx, sc[t]);
-      float inv = 1.f / kern.expsum(sc, L, mx);
-      for (int64_t t = 0; t < L; ++t) sc[t] *= inv;
-      std::fill(out, out + d, 0.f);
-      kern.mix(sc, vc + base, L, d, out);
-      for (int64_t i = 0; i < d; ++i) st(attn.data(), m * Nq + hq * d + i, out[i]);
-    }
+    attention<T>(kern, D, M, q_rot.data(), kc, vc, slot, pos, attn.data(), nthreads);
     Job o_job = {w[WO], H, tmp.data()};
     gemv<T>(kern, &o_job, 1, attn.data(), M, Nq, H, nthreads);
     for (int64_t i = 0; i < M * H; ++i) resid[size_t(i)] = rnd<T>(resid[size_t(i)] + rnd<T>(tmp[size_t(i)]));
