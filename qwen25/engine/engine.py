@@ -72,10 +72,11 @@ class Engine:
       the tokens of running sequences by one chunk at a time.
     decode: "auto" (C++ kernels when the CPU and model allow, else PyTorch), "fast",
       "torch", or "portable" (the C++ decoder without AVX-512; for tests).
+    threads: threads of the C++ decoder (default: torch.get_num_threads() at each step).
     """
 
     def __init__(self, model, max_batch_size: int = 8, max_seq_len: int = 4096, *,
-                 prefill_chunk: int = 512, decode: str = "auto"):
+                 prefill_chunk: int = 512, decode: str = "auto", threads: int | None = None):
         for name, v in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len),
                         ("prefill_chunk", prefill_chunk)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -85,7 +86,9 @@ class Engine:
         self.model = model.eval()
         self.config = model.config
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
-        self.runner = ModelRunner(model, max_batch_size, max_seq_len, decode)
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise UserError(f"Engine threads={threads!r} must be a positive integer or None")
+        self.runner = ModelRunner(model, max_batch_size, max_seq_len, decode, threads)
         self.scheduler = Scheduler(self.runner, max_batch_size, prefill_chunk, default_stop_ids(model))
 
     # ---- information ------------------------------------------------------------------

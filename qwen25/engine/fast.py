@@ -66,13 +66,14 @@ def unsupported_reason(model, isa: str = "avx512") -> str | None:
 class FastDecoder:
     """One call per decode step: embeddings in, logits [M, vocab] float32 out."""
 
-    def __init__(self, model, cache: SlotCache, isa: str = "avx512"):
+    def __init__(self, model, cache: SlotCache, isa: str = "avx512", threads: int | None = None):
         reason = unsupported_reason(model, isa)
         if reason is not None:
             raise RuntimeError(f"the C++ decoder cannot run this model: {reason}")
         lib = kernels.load()
         cfg = model.config
         self.model, self.cache, self.lib = model, cache, lib
+        self.threads = threads  # None: torch.get_num_threads() at each call
         self.dtype = model.dtype
         # Every tensor the C++ side reads, kept referenced (and contiguous) here.
         self._tensors = self._collect(model, cache)
@@ -136,7 +137,7 @@ class FastDecoder:
         logits = torch.empty(M, model.config.vocab_size, dtype=torch.float32)
         rc = self.lib.q25_decoder_step(self._handle, M, x.data_ptr(), cos.data_ptr(), sin.data_ptr(),
                                        slots.data_ptr(), positions.data_ptr(), logits.data_ptr(),
-                                       torch.get_num_threads())
+                                       self.threads or torch.get_num_threads())
         if rc != 0:
             raise RuntimeError("decode step rejected: a slot or position is outside the cache")
         return logits

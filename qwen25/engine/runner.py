@@ -25,7 +25,7 @@ class ModelRunner:
     "portable" (the C++ decoder without AVX-512, for tests on any x86 CPU).
     """
 
-    def __init__(self, model, slots: int, max_seq_len: int, decode: str = "auto"):
+    def __init__(self, model, slots: int, max_seq_len: int, decode: str = "auto", threads: int | None = None):
         if decode not in ("auto", "fast", "torch", "portable"):
             raise ValueError(f"decode={decode!r}: use auto, fast, torch or portable")
         self.model = model
@@ -34,12 +34,13 @@ class ModelRunner:
         self.fast: FastDecoder | None = None
         self.fast_reason: str | None = None  # why the fast path is off (None when on)
         self._isa = "portable" if decode == "portable" else "avx512"
+        self.threads = threads
         if decode == "torch":
             self.fast_reason = "decode='torch' was requested"
         else:
             self.fast_reason = unsupported_reason(model, self._isa)
             if self.fast_reason is None:
-                self.fast = FastDecoder(model, self.cache, self._isa)
+                self.fast = FastDecoder(model, self.cache, self._isa, threads)
             elif decode in ("fast", "portable"):
                 raise RuntimeError(f"decode={decode!r} is unavailable: {self.fast_reason}")
 
@@ -50,7 +51,7 @@ class ModelRunner:
     def refresh(self) -> None:
         """Rebind the C++ decoder if the model's parameter tensors were replaced."""
         if self.fast is not None and self.fast.stale():
-            self.fast = FastDecoder(self.model, self.cache, self._isa)
+            self.fast = FastDecoder(self.model, self.cache, self._isa, self.threads)
 
     @torch.inference_mode()
     def prefill(self, slot: int, ids: list[int], want_logits: bool) -> torch.Tensor | None:
