@@ -28,7 +28,7 @@ import threading
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("decode.cpp")
-FLAGS = ("-O3", "-std=c++17", "-fopenmp", "-fPIC", "-shared")
+FLAGS = ("-O3", "-std=c++20", "-fopenmp-simd", "-pthread", "-fPIC", "-shared")
 ISAS = {"portable": 0, "avx512": 1}
 DTYPE_CODES = {"float32": 0, "bfloat16": 1}
 
@@ -104,8 +104,6 @@ def load() -> ctypes.CDLL | None:
         elif platform.machine().lower() not in ("x86_64", "amd64"):
             _reason = f"the kernels are written for x86-64, this CPU is {platform.machine()}"
         else:
-            import torch  # noqa: F401  (load torch's OpenMP runtime first, so both share one pool)
-
             try:
                 lib = ctypes.CDLL(str(build()))
                 _declare(lib)
