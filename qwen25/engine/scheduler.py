@@ -272,7 +272,9 @@ class Scheduler:
     def _sample(seqs: list[_Seq], logits: torch.Tensor) -> list[int]:
         tokens: list[int | None] = [None] * len(seqs)
         plain = [i for i, s in enumerate(seqs) if s.request.params.greedy and s.seen is None and s.counts is None]
-        if plain:  # the common greedy case in one batched argmax
+        if len(plain) == len(seqs):  # the common all-greedy batch: one argmax, no copies
+            return logits.argmax(-1).tolist()
+        if plain:
             for i, t in zip(plain, logits[plain].argmax(-1).tolist()):
                 tokens[i] = t
         for i, seq in enumerate(seqs):
