@@ -1,4 +1,4 @@
-"""Build and load the CPU decode kernels (`decode.cpp`) on first use.
+"""Build and load the CPU decode kernels (`decode.cpp`, `kernels.h`, `pool.h`) on first use.
 
 The C++ file has a plain C ABI and no torch or Python headers, so it compiles with `g++` in
 a couple of seconds and is loaded with `ctypes` (which releases the GIL during each call).
@@ -28,6 +28,7 @@ import threading
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("decode.cpp")
+HEADERS = ("kernels.h", "pool.h")  # included by decode.cpp
 FLAGS = ("-O3", "-std=c++20", "-fopenmp-simd", "-pthread", "-fPIC", "-shared")
 ISAS = {"portable": 0, "avx512": 1}
 DTYPE_CODES = {"float32": 0, "bfloat16": 1}
@@ -58,8 +59,8 @@ def build() -> Path:
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (install g++ or set CXX)")
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(FLAGS).encode() + cxx.encode()).hexdigest()[:16]
+    sources = SOURCE.read_bytes() + b"".join(SOURCE.with_name(h).read_bytes() for h in HEADERS)
+    key = hashlib.sha256(sources + " ".join(FLAGS).encode() + cxx.encode()).hexdigest()[:16]
     out_dir = cache_dir()
     lib = out_dir / f"qwen25_decode-{key}.so"
     if lib.exists():
