@@ -133,6 +133,10 @@ def prefill_rates(ours, hf, engine, length: int, rounds: int) -> dict[str, float
 
 # ---- peak memory (a fresh process per contender) -------------------------------------------
 
+def progress(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
 def rss_bytes(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -196,6 +200,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--skip-batch", action="store_true", help="skip the batch-8 decode measurement")
     ap.add_argument("--memory-child", choices=["ours", "hf"], help=argparse.SUPPRESS)
     ap.add_argument("--dtype", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -216,9 +221,14 @@ def main() -> None:
         with torch.inference_mode():
             bw_before = bandwidth_gbs()
             b1 = decode_rates(ours, hf, engine, 1, n, args.rounds)
-            b8 = decode_rates(ours, hf, engine, BATCH, n, args.rounds)
+            progress(f"{dtype_name} batch 1 decode tok/s: ours {b1['ours']:.1f}, transformers {b1['hf']:.1f}")
+            b8 = {"ours": float("nan"), "hf": float("nan")}
+            if not args.skip_batch:
+                b8 = decode_rates(ours, hf, engine, BATCH, n, args.rounds)
+                progress(f"{dtype_name} batch 8 decode tok/s: ours {b8['ours']:.1f}, transformers {b8['hf']:.1f}")
             p64 = prefill_rates(ours, hf, engine, 64, args.rounds)
             p512 = prefill_rates(ours, hf, engine, 512, args.rounds)
+            progress(f"{dtype_name} prefill tok/s (512): ours {p512['ours']:.0f}, transformers {p512['hf']:.0f}")
             bw = max(bw_before, bandwidth_gbs())
         step_bytes = decode_bytes_per_step(ours, PROMPT_LEN + n // 2)
         roof = bw * 1e9 / step_bytes
@@ -235,6 +245,7 @@ def main() -> None:
         if not args.skip_memory:
             for who in ("ours", "hf"):
                 m = peak_memory(args, who, dtype_name)
+                progress(f"{dtype_name} peak memory {who}: {m['peak'] / 1e6:.0f} MB")
                 mem_rows.append({"dtype": dtype_name, "who": who, "peak MB": f"{m['peak'] / 1e6:.0f}",
                                  "weights MB": f"{m['weights'] / 1e6:.0f}", "KV cache MB": f"{m['cache'] / 1e6:.0f}",
                                  "peak / (weights + cache)": f"{m['peak'] / (m['weights'] + m['cache']):.2f}x"})
