@@ -9,9 +9,10 @@ speed hit both alike. Per dtype it prints:
   i.e. prefill excluded, for ours and transformers, and the ratio;
 - prefill tok/s (time to the first token of a 64- and a 512-token prompt);
 - the memory-bandwidth roofline: bytes a batch-1 decode step must read (every weight the
-  step multiplies by, the lm_head included, plus the KV cache) / the read bandwidth measured
-  in the same run (best of our AVX-512 streaming read and torch's sum over 1 GiB);
-  "% roofline" = measured tok/s / (bandwidth / bytes per token);
+  step multiplies by, the lm_head included, plus the KV cache) / the read bandwidth (best
+  of our AVX-512 streaming read and torch's sum over 1 GiB), probed between the decode runs
+  of every round because the bandwidth here drifts by 2x within minutes;
+  "% roofline" = median over rounds of tok/s x bytes per token / that round's bandwidth;
 - peak memory of a batch-8 run in a fresh subprocess, as a multiple of weights + KV cache.
 
 Goals (issue 4): bf16 batch-1 decode >= 2.0x transformers, fp32 >= 1.6x; >= 70% of the
@@ -115,14 +116,28 @@ def alternate(fns: dict, rounds: int) -> dict[str, list[float]]:
 
 
 def decode_rates(ours, hf, engine, batch: int, n: int, rounds: int) -> dict[str, float]:
-    """Aggregate decode tok/s (prefill excluded) for ours and transformers."""
+    """Aggregate decode tok/s (prefill excluded) for ours and transformers, and the read
+    bandwidth measured between them in each round ("bw": GB/s, median over rounds).
+
+    Memory bandwidth here drifts by 2x within minutes (other VMs share the host), so the
+    roofline uses the bandwidth probed next to each decode measurement, not a global one.
+    """
     ps = prompts(batch, PROMPT_LEN, ours.config.vocab_size)
+    bws: list[float] = []
     t = alternate({
-        "ours_n": lambda: our_generate(engine, ps, n), "hf_n": lambda: hf_generate(hf, ps, n),
-        "ours_1": lambda: our_generate(engine, ps, 1), "hf_1": lambda: hf_generate(hf, ps, 1),
+        "ours_n": lambda: our_generate(engine, ps, n), "ours_1": lambda: our_generate(engine, ps, 1),
+        "bw": lambda: bws.append(bandwidth_gbs(repeat=2)),
+        "hf_n": lambda: hf_generate(hf, ps, n), "hf_1": lambda: hf_generate(hf, ps, 1),
     }, rounds)
     med = {k: statistics.median(v) for k, v in t.items()}
-    return {who: batch * (n - 1) / max(med[f"{who}_n"] - med[f"{who}_1"], 1e-9) for who in ("ours", "hf")}
+    rates = {who: batch * (n - 1) / max(med[f"{who}_n"] - med[f"{who}_1"], 1e-9) for who in ("ours", "hf")}
+    # per round: our decode rate over the bandwidth probed right after it
+    rates["ours_per_bw"] = statistics.median(
+        batch * (n - 1) / max(a - b, 1e-9) / bw for a, b, bw in zip(t["ours_n"], t["ours_1"], bws[1:]))
+    rates["hf_per_bw"] = statistics.median(
+        batch * (n - 1) / max(a - b, 1e-9) / bw for a, b, bw in zip(t["hf_n"], t["hf_1"], bws[1:]))
+    rates["bw"] = statistics.median(bws)
+    return rates
 
 
 def prefill_rates(ours, hf, engine, length: int, rounds: int) -> dict[str, float]:
@@ -231,15 +246,17 @@ def main() -> None:
             progress(f"{dtype_name} prefill tok/s (512): ours {p512['ours']:.0f}, transformers {p512['hf']:.0f}")
             bw = max(bw_before, bandwidth_gbs())
         step_bytes = decode_bytes_per_step(ours, PROMPT_LEN + n // 2)
-        roof = bw * 1e9 / step_bytes
+        roof = b1["bw"] * 1e9 / step_bytes  # tok/s the median bandwidth allows
+        frac_ours = b1["ours_per_bw"] * step_bytes / 1e9  # per round: tok/s x bytes / bandwidth
+        frac_hf = b1["hf_per_bw"] * step_bytes / 1e9
         rows.append({
             "dtype": dtype_name, "path": engine.decode_path,
             "b1 ours": f"{b1['ours']:.1f}", "b1 hf": f"{b1['hf']:.1f}", "b1 ratio": f"{b1['ours'] / b1['hf']:.2f}x",
             "b8 ours": f"{b8['ours']:.1f}", "b8 hf": f"{b8['hf']:.1f}", "b8/b1 ours": f"{b8['ours'] / b1['ours']:.2f}x",
             "prefill64 ratio": f"{p64['ours'] / p64['hf']:.2f}x", "prefill512 ours": f"{p512['ours']:.0f}",
             "prefill512 hf": f"{p512['hf']:.0f}", "prefill512 ratio": f"{p512['ours'] / p512['hf']:.2f}x",
-            "GB/s": f"{bw:.0f}", "roofline tok/s": f"{roof:.1f}", "% roofline": f"{100 * b1['ours'] / roof:.0f}%",
-            "hf % roofline": f"{100 * b1['hf'] / roof:.0f}%", "setup s": f"{setup:.1f}",
+            "GB/s": f"{b1['bw']:.0f} ({bw:.0f} max)", "roofline tok/s": f"{roof:.1f}",
+            "% roofline": f"{100 * frac_ours:.0f}%", "hf % roofline": f"{100 * frac_hf:.0f}%", "setup s": f"{setup:.1f}",
         })
         del engine, ours, hf
         if not args.skip_memory:
