@@ -149,3 +149,27 @@ def test_the_library_is_cached_by_source_hash(tmp_path, monkeypatch):
     mtime = first.stat().st_mtime_ns
     assert kernels.build() == first and first.stat().st_mtime_ns == mtime  # not rebuilt
     assert not list(first.parent.glob(".build-*"))  # no temporary left behind
+
+
+def test_hugepage_collapse_keeps_every_value():
+    from qwen25.engine import hugepages
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3_000_000, generator=g)  # 12 MB, not 2 MiB aligned
+    b = a[5:]  # a view of the same storage: collapsed once
+    small = torch.randn(100)
+    expected = a.clone()
+    regions = hugepages.ranges([a, b, small])
+    assert len(regions) == 1
+    start, length = regions[0]
+    base = a.untyped_storage().data_ptr()
+    assert start % hugepages.HUGE == 0 and length % hugepages.HUGE == 0
+    assert base <= start and start + length <= base + a.numel() * 4
+    hugepages.collapse(regions)  # may be refused by the kernel; must never change data
+    assert torch.equal(a, expected)
+    model = build_model(tiny(), seed=0)
+    engine = Engine(model, max_batch_size=1, max_seq_len=32)
+    before = engine.generate([[1, 2, 3]], max_new_tokens=4, temperature=0)[0].tokens
+    if engine._hugepages is not None:
+        engine._hugepages.join()
+    assert engine.generate([[1, 2, 3]], max_new_tokens=4, temperature=0)[0].tokens == before

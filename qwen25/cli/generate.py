@@ -8,6 +8,7 @@ The text goes to stdout as it is generated; a one-line summary goes to stderr.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -53,6 +54,9 @@ def sampling_from_args(args: argparse.Namespace, model) -> dict:
 
 def load_for_generation(args: argparse.Namespace, max_batch_size: int = 1):
     """(model, tokenizer, engine) for the CLI verbs; bad paths raise UserError."""
+    # Weights in 2 MiB pages from the start (decoding streams them; see engine/hugepages.py).
+    # torch reads this once, at its first large allocation: before the model is loaded.
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     from qwen25.checkpoint import load_model
     from qwen25.engine import Engine
     from qwen25.errors import UserError

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qwen25.engine.hugepages import collapse_in_background
 from qwen25.engine.runner import ModelRunner
 from qwen25.engine.sampling import SamplingParams
 from qwen25.engine.scheduler import Completion, Request, Scheduler, StepOutput
@@ -73,10 +74,13 @@ class Engine:
     decode: "auto" (C++ kernels when the CPU and model allow, else PyTorch), "fast",
       "torch", or "portable" (the C++ decoder without AVX-512; for tests).
     threads: threads of the C++ decoder (default: torch.get_num_threads() at each step).
+    hugepages: on Linux, rebuild the weights and the cache in place as 2 MiB pages on a
+      background thread (10-15% faster decoding; see hugepages.py). Values never change.
     """
 
     def __init__(self, model, max_batch_size: int = 8, max_seq_len: int = 4096, *,
-                 prefill_chunk: int = 512, decode: str = "auto", threads: int | None = None):
+                 prefill_chunk: int = 512, decode: str = "auto", threads: int | None = None,
+                 hugepages: bool = True):
         for name, v in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len),
                         ("prefill_chunk", prefill_chunk)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -90,6 +94,10 @@ class Engine:
             raise UserError(f"Engine threads={threads!r} must be a positive integer or None")
         self.runner = ModelRunner(model, max_batch_size, max_seq_len, decode, threads)
         self.scheduler = Scheduler(self.runner, max_batch_size, prefill_chunk, default_stop_ids(model))
+        self._hugepages = None
+        if hugepages and model.device.type == "cpu":
+            tensors = [*model.parameters(), *self.runner.cache.k, *self.runner.cache.v]
+            self._hugepages = collapse_in_background(tensors, keep_alive=self)
 
     # ---- information ------------------------------------------------------------------
 
