@@ -225,6 +225,10 @@ def main() -> None:
 
     print(f"engine benchmark: {args.model or args.preset + ' (random weights)'}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, kernels: {kernels.best_isa('bfloat16') or kernels.unavailable_reason()}")
+    # The Engine moves its weights to 2 MiB pages (hugepages.py); transformers' weights get
+    # them too only when torch allocates them so: THP_MEM_ALLOC_ENABLE=1 gives both the same.
+    print(f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')} "
+          "(set it to 1 to give transformers' weights huge pages as well)")
     rows, mem_rows = [], []
     n = args.new_tokens
     for dtype_name in args.dtypes:
