@@ -5,8 +5,9 @@ checkpoint folder with --model) in the same dtype, greedy decoding, no early sto
 alternate (ours, transformers, ours, ...) and medians are reported, so drifts in machine
 speed hit both alike. Per dtype it prints:
 
-- decode tok/s at batch 1 and batch 8 (64-token prompts): (N - 1) / (t(N tokens) - t(1 token)),
-  i.e. prefill excluded, for ours and transformers, and the ratio;
+- decode tok/s at batch 1 and batch 8 (64-token prompts): batch / median duration of a
+  decode step (prefill excluded; each step timed as it happens, transformers' through a
+  logits processor that records when the logits of each step arrive), and the ratio;
 - prefill tok/s (time to the first token of a 64- and a 512-token prompt);
 - the memory-bandwidth roofline: bytes a batch-1 decode step must read (every weight the
   step multiplies by, the lm_head included, plus the KV cache) / the read bandwidth (best
@@ -64,14 +65,40 @@ def prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
     return torch.randint(0, min(vocab, 151643), (batch, length), generator=g).tolist()
 
 
-def hf_generate(hf, batch_prompts, n):
+class _StepClock:
+    """A transformers logits processor that only records when each step's logits arrive."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def hf_generate(hf, batch_prompts, n) -> tuple[float, list[float]]:
+    """transformers' greedy generate -> (time to the first token, durations of the other steps)."""
+    from transformers import LogitsProcessorList
+
     ids = torch.tensor(batch_prompts)
+    clock = _StepClock()
+    t0 = time.perf_counter()
     hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                do_sample=False, pad_token_id=0)
+                do_sample=False, pad_token_id=0, logits_processor=LogitsProcessorList([clock]))
+    t = clock.times
+    return t[0] - t0, [b - a for a, b in zip(t, t[1:])]
 
 
-def our_generate(engine, batch_prompts, n):
-    engine.generate(batch_prompts, max_new_tokens=n, temperature=0, stop_token_ids=[])
+def our_generate(engine, batch_prompts, n) -> tuple[float, list[float]]:
+    """The loop `Engine.generate` runs, timed per step -> (time to the first token, the
+    durations of the decode steps)."""
+    t0 = time.perf_counter()
+    requests = [engine.add(p, max_new_tokens=n, temperature=0, stop_token_ids=[]) for p in batch_prompts]
+    times = []
+    while not all(r.finished for r in requests):
+        engine.step()
+        times.append(time.perf_counter())
+    return times[0] - t0, [b - a for a, b in zip(times, times[1:])]
 
 
 # ---- measurements ------------------------------------------------------------------------
@@ -103,46 +130,41 @@ def decode_bytes_per_step(model, context: int) -> int:
     return total + kv
 
 
-def alternate(fns: dict, rounds: int) -> dict[str, list[float]]:
-    for fn in fns.values():
-        fn()  # warm-up: allocations, oneDNN kernel selection, page faults
-    out = {k: [] for k in fns}
+def decode_rates(ours, hf, engine, batch: int, n: int, rounds: int) -> dict[str, float]:
+    """Aggregate decode tok/s for ours and transformers: batch / median step time over all
+    decode steps of `rounds` alternating runs (a median of ~n x rounds steps shrugs off
+    other processes' bursts), the read bandwidth ("bw", GB/s) probed after each of our runs,
+    and per round our step rate over that round's bandwidth ("ours_per_bw"): the
+    bandwidth here drifts 2x within minutes, so the roofline uses the adjacent probe.
+    """
+    ps = prompts(batch, PROMPT_LEN, ours.config.vocab_size)
+    our_generate(engine, ps, 4)  # warm-up: allocations, oneDNN kernel choice, page faults
+    hf_generate(hf, ps, 4)
+    steps = {"ours": [], "hf": []}
+    per_bw = {"ours": [], "hf": []}
+    bws = []
     for _ in range(rounds):
-        for k, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            out[k].append(time.perf_counter() - t)
+        _, mine = our_generate(engine, ps, n)
+        bws.append(bandwidth_gbs(repeat=2))
+        _, theirs = hf_generate(hf, ps, n)
+        for who, s_ in (("ours", mine), ("hf", theirs)):
+            steps[who] += s_
+            per_bw[who].append(batch / statistics.median(s_) / bws[-1])
+    out = {who: batch / statistics.median(v) for who, v in steps.items()}
+    out.update(ours_per_bw=statistics.median(per_bw["ours"]), hf_per_bw=statistics.median(per_bw["hf"]),
+               bw=statistics.median(bws))
     return out
 
 
-def decode_rates(ours, hf, engine, batch: int, n: int, rounds: int) -> dict[str, float]:
-    """Aggregate decode tok/s (prefill excluded) for ours and transformers, and the read
-    bandwidth measured between them in each round ("bw": GB/s, median over rounds).
-
-    Memory bandwidth here drifts by 2x within minutes (other VMs share the host), so the
-    roofline uses the bandwidth probed next to each decode measurement, not a global one.
-    """
-    ps = prompts(batch, PROMPT_LEN, ours.config.vocab_size)
-    bws: list[float] = []
-    t = alternate({
-        "ours_n": lambda: our_generate(engine, ps, n), "ours_1": lambda: our_generate(engine, ps, 1),
-        "bw": lambda: bws.append(bandwidth_gbs(repeat=2)),
-        "hf_n": lambda: hf_generate(hf, ps, n), "hf_1": lambda: hf_generate(hf, ps, 1),
-    }, rounds)
-    med = {k: statistics.median(v) for k, v in t.items()}
-    rates = {who: batch * (n - 1) / max(med[f"{who}_n"] - med[f"{who}_1"], 1e-9) for who in ("ours", "hf")}
-    # per round: our decode rate over the bandwidth probed right after it
-    rates["ours_per_bw"] = statistics.median(
-        batch * (n - 1) / max(a - b, 1e-9) / bw for a, b, bw in zip(t["ours_n"], t["ours_1"], bws[1:]))
-    rates["hf_per_bw"] = statistics.median(
-        batch * (n - 1) / max(a - b, 1e-9) / bw for a, b, bw in zip(t["hf_n"], t["hf_1"], bws[1:]))
-    rates["bw"] = statistics.median(bws)
-    return rates
-
-
 def prefill_rates(ours, hf, engine, length: int, rounds: int) -> dict[str, float]:
+    """Prompt tokens/s: prompt length / median time to the first token."""
     ps = prompts(1, length, ours.config.vocab_size)
-    t = alternate({"ours": lambda: our_generate(engine, ps, 1), "hf": lambda: hf_generate(hf, ps, 1)}, rounds)
+    our_generate(engine, ps, 1)
+    hf_generate(hf, ps, 1)
+    t = {"ours": [], "hf": []}
+    for _ in range(rounds):
+        t["ours"].append(our_generate(engine, ps, 1)[0])
+        t["hf"].append(hf_generate(hf, ps, 1)[0])
     return {k: length / statistics.median(v) for k, v in t.items()}
 
 
@@ -238,7 +260,6 @@ def main() -> None:
         engine = qwen25.Engine(ours, max_batch_size=BATCH, max_seq_len=1024)
         setup = time.perf_counter() - t0
         with torch.inference_mode():
-            bw_before = bandwidth_gbs()
             b1 = decode_rates(ours, hf, engine, 1, n, args.rounds)
             progress(f"{dtype_name} batch 1 decode tok/s: ours {b1['ours']:.1f}, transformers {b1['hf']:.1f}")
             b8 = {"ours": float("nan"), "hf": float("nan")}
@@ -248,7 +269,6 @@ def main() -> None:
             p64 = prefill_rates(ours, hf, engine, 64, args.rounds)
             p512 = prefill_rates(ours, hf, engine, 512, args.rounds)
             progress(f"{dtype_name} prefill tok/s (512): ours {p512['ours']:.0f}, transformers {p512['hf']:.0f}")
-            bw = max(bw_before, bandwidth_gbs())
         step_bytes = decode_bytes_per_step(ours, PROMPT_LEN + n // 2)
         roof = b1["bw"] * 1e9 / step_bytes  # tok/s the median bandwidth allows
         frac_ours = b1["ours_per_bw"] * step_bytes / 1e9  # per round: tok/s x bytes / bandwidth
@@ -259,7 +279,7 @@ def main() -> None:
             "b8 ours": f"{b8['ours']:.1f}", "b8 hf": f"{b8['hf']:.1f}", "b8/b1 ours": f"{b8['ours'] / b1['ours']:.2f}x",
             "prefill64 ratio": f"{p64['ours'] / p64['hf']:.2f}x", "prefill512 ours": f"{p512['ours']:.0f}",
             "prefill512 hf": f"{p512['hf']:.0f}", "prefill512 ratio": f"{p512['ours'] / p512['hf']:.2f}x",
-            "GB/s": f"{b1['bw']:.0f} ({bw:.0f} max)", "roofline tok/s": f"{roof:.1f}",
+            "GB/s": f"{b1['bw']:.0f}", "roofline tok/s": f"{roof:.1f}",
             "% roofline": f"{100 * frac_ours:.0f}%", "hf % roofline": f"{100 * frac_hf:.0f}%", "setup s": f"{setup:.1f}",
         })
         del engine, ours, hf
