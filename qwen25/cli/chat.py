@@ -65,13 +65,15 @@ def run(args: argparse.Namespace) -> int:
         except ImportError:
             pass
     shown = {k: v for k, v in sampling.items() if k != "seed"}
-    print(f"qwen25 chat: {args.model} ({model.dtype}, decode: {engine.decode_path}); sampling {shown}")
+    dtype = str(model.dtype).removeprefix("torch.")
+    print(f"qwen25 chat: {args.model} ({dtype}, decode: {engine.decode_path}); sampling {shown}")
     print(HELP)
     while True:
         try:
             line = input(">>> " if interactive else "")
         except EOFError:
-            print()
+            if interactive:
+                print()  # end the prompt line after Ctrl-D
             return 0
         except KeyboardInterrupt:
             print("\n(Ctrl-D or /exit to quit)")
@@ -104,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"[that message is too long for the context of {engine.max_seq_len} tokens; "
                   "use a larger --max-seq-len]")
             continue
-        reply = _answer(engine, tokenizer, conv.messages(), max_new, sampling, stream_chat)
+        reply = _answer(engine, tokenizer, conv.messages(), max_new, sampling | {"stop": args.stop}, stream_chat)
         conv.turns.append({"role": "assistant", "content": reply})
 
 

@@ -4,7 +4,7 @@ This is continuous batching in its simplest correct form. A caller (the `Engine`
 `generate`/`stream` loops, or the server's scheduler thread) calls `step()` repeatedly;
 other threads may `add()` and `cancel()` at any time. Each step
 
-1. applies pending adds and cancels (a cancelled request frees its slots at once);
+1. applies pending adds and cancels (cancel() outside a step frees the slots at once);
 2. decodes one token for every running sequence, in one batched forward;
 3. prefills waiting prompts, in arrival order, up to `prefill_chunk` prompt tokens per
    step (a long prompt is split over several steps so running sequences keep streaming);
@@ -140,9 +140,15 @@ class Scheduler:
         return request
 
     def cancel(self, request: Request) -> None:
-        """Stop a request; its slots are freed at the next step. Finished ones are ignored."""
+        """Stop a request and free its slots: at once when no step is running, else as the
+        running step ends. Finished requests are left as they are."""
         with self._lock:
             self._cancels.append(request)
+        if self._step_lock.acquire(blocking=False):
+            try:
+                self._apply_pending()
+            finally:
+                self._step_lock.release()
 
     @property
     def has_work(self) -> bool:
