@@ -88,7 +88,11 @@ def test_cached_decode_logits_equal_a_full_forward(model, path):
     runner.prefill(2, seqs[2], want_logits=True)
     for step in range(5):
         new = [(7 * step + 3) % VOCAB, (11 * step + 5) % VOCAB]
-        logits = runner.decode([0, 2], new)
+        out = runner.decode([0, 2], new)
+        logits = out.logits
+        if out.lse is not None:  # the C++ decoder also returns these; torch is the reference
+            torch.testing.assert_close(out.lse, torch.logsumexp(logits, -1), atol=1e-5, rtol=1e-6)
+            assert torch.equal(out.argmax, logits.argmax(-1))
         for row, (slot, tok) in enumerate(zip((0, 2), new)):
             seqs[slot].append(tok)
             with torch.no_grad():
@@ -106,7 +110,11 @@ def test_bf16_decode_matches_the_bf16_model(checkpoint, path):
     engine.runner.prefill(1, prompt, want_logits=True)
     ids = list(prompt)
     for tok in (4, 99, 250):
-        logits = engine.runner.decode([1], [tok])[0]
+        out = engine.runner.decode([1], [tok])
+        logits = out.logits[0]
+        if out.lse is not None:
+            torch.testing.assert_close(out.lse, torch.logsumexp(out.logits, -1), atol=1e-5, rtol=1e-6)
+            assert torch.equal(out.argmax, out.logits.argmax(-1))
         ids.append(tok)
         with torch.no_grad():
             full = bf16(torch.tensor([ids]))[0, -1].float()
@@ -240,7 +248,7 @@ def test_decode_over_a_long_context_equals_a_full_forward(model, path):
         gap = long_seq[runner.cache.lengths[1]:n_long - 1]
         if gap:  # skip ahead
             runner.prefill(1, gap, want_logits=False)
-        logits = runner.decode([1, 0], [long_seq[n_long - 1], 11])
+        logits = runner.decode([1, 0], [long_seq[n_long - 1], 11]).logits
         short_seq.append(11)
         with torch.no_grad():
             full_long = model(torch.tensor([long_seq[:n_long]]))[0, -1]

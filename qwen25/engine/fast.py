@@ -121,11 +121,13 @@ class FastDecoder:
             self._handle = None
 
     @torch.inference_mode()
-    def __call__(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, slots: torch.Tensor,
+                 positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """tokens, slots, positions: int64 [M] (position = tokens already cached in the slot).
 
         Writes the new k/v at `positions` of each slot (the caller advances the lengths) and
-        returns logits [M, vocab] float32 whose values are those of the compute dtype.
+        returns (logits [M, vocab] float32 holding values of the compute dtype, their
+        log-sum-exp [M], their argmax [M]).
         """
         model = self.model
         M = tokens.shape[0]
@@ -135,9 +137,11 @@ class FastDecoder:
         slots = slots.contiguous()
         positions = positions.contiguous()
         logits = torch.empty(M, model.config.vocab_size, dtype=torch.float32)
+        lse = torch.empty(M, dtype=torch.float32)
+        argmax = torch.empty(M, dtype=torch.int64)
         rc = self.lib.q25_decoder_step(self._handle, M, x.data_ptr(), cos.data_ptr(), sin.data_ptr(),
                                        slots.data_ptr(), positions.data_ptr(), logits.data_ptr(),
-                                       self.threads or torch.get_num_threads())
+                                       lse.data_ptr(), argmax.data_ptr(), self.threads or torch.get_num_threads())
         if rc != 0:
             raise RuntimeError("decode step rejected: a slot or position is outside the cache")
-        return logits
+        return logits, lse, argmax

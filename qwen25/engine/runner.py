@@ -11,11 +11,22 @@ and computes the lm_head for the last position only.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
 from qwen25.engine.fast import FastDecoder, unsupported_reason
 from qwen25.engine.kv_cache import SlotCache
+
+
+class Logits(NamedTuple):
+    """A step's logits [M, vocab] float32, with their log-sum-exp [M] and argmax [M] when the
+    C++ decoder computed them along the way (None on the PyTorch path)."""
+
+    logits: torch.Tensor
+    lse: torch.Tensor | None = None
+    argmax: torch.Tensor | None = None
 
 
 class ModelRunner:
@@ -64,18 +75,18 @@ class ModelRunner:
         return self.model.lm_head(h[0, -1]).float()
 
     @torch.inference_mode()
-    def decode(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
-        """Feed one token to each slot; return logits [len(slots), vocab] float32."""
+    def decode(self, slots: list[int], tokens: list[int]) -> Logits:
+        """Feed one token to each slot; return the logits [len(slots), vocab] float32."""
         device = self.model.device
         if self.fast is not None:
             positions = torch.tensor([self.cache.lengths[s] for s in slots])
-            logits = self.fast(torch.tensor(tokens), torch.tensor(slots), positions)
+            out = Logits(*self.fast(torch.tensor(tokens), torch.tensor(slots), positions))
             for s in slots:
                 self.cache.lengths[s] += 1
-            return logits
+            return out
         x = torch.tensor(tokens, dtype=torch.long, device=device)[:, None]
         h, _ = self.model.hidden_states(x, kv_cache=self.cache.rows(slots))
-        return self.model.lm_head(h[:, -1]).float()
+        return Logits(self.model.lm_head(h[:, -1]).float())
 
     @torch.inference_mode()
     def score(self, ids: list[int], start: int, top: int = 0, chunk: int = 256):

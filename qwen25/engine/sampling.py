@@ -230,10 +230,12 @@ def penalize(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | 
 # --------------------------------------------------------------------------------------
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int = 0):
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int = 0, lse: torch.Tensor | None = None):
     """logits [B, V] float32, tokens [B] -> (logprob of each token [B],
-    top-`top` (values [B, top], ids [B, top]) or None)."""
-    lse = torch.logsumexp(logits, dim=-1)
+    top-`top` (values [B, top], ids [B, top]) or None). `lse`: the rows' log-sum-exp if
+    already known."""
+    if lse is None:
+        lse = torch.logsumexp(logits, dim=-1)
     chosen = logits.gather(-1, tokens[:, None]).squeeze(-1) - lse
     if top <= 0:
         return chosen, None

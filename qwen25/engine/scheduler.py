@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qwen25.engine.runner import ModelRunner
+from qwen25.engine.runner import Logits, ModelRunner
 from qwen25.engine.sampling import SamplingParams, sample_row, token_logprobs
 from qwen25.errors import UserError
 
@@ -182,8 +182,7 @@ class Scheduler:
             outputs: list[StepOutput] = []
             if self._running:
                 seqs = list(self._running)
-                logits = self.runner.decode([s.slot for s in seqs], [s.next_input for s in seqs])
-                outputs += self._emit(seqs, logits)
+                outputs += self._emit(seqs, self.runner.decode([s.slot for s in seqs], [s.next_input for s in seqs]))
             outputs += self._prefill()
             return outputs
 
@@ -233,15 +232,15 @@ class Scheduler:
             for seq in request._seqs[1:]:
                 self.runner.cache.copy_slot(first.slot, seq.slot)
             seqs = list(request._seqs)
-            outputs += self._emit(seqs, logits[None].expand(len(seqs), -1))
+            outputs += self._emit(seqs, Logits(logits[None].expand(len(seqs), -1)))
         return outputs
 
-    def _emit(self, seqs: list[_Seq], logits: torch.Tensor) -> list[StepOutput]:
+    def _emit(self, seqs: list[_Seq], out: Logits) -> list[StepOutput]:
         """Sample one token per sequence from logits [len(seqs), vocab], record, retire."""
-        logits = logits.float().cpu()
-        tokens = self._sample(seqs, logits)
+        logits = out.logits.float().cpu()
+        tokens = self._sample(seqs, logits, out.argmax)
         top = max(s.request.params.logprobs for s in seqs)
-        chosen, tops = token_logprobs(logits, torch.tensor(tokens), top)
+        chosen, tops = token_logprobs(logits, torch.tensor(tokens), top, out.lse)
         chosen = chosen.tolist()
         tops = (tops[0].tolist(), tops[1].tolist()) if tops is not None else None
         outputs = []
@@ -275,11 +274,11 @@ class Scheduler:
         return outputs
 
     @staticmethod
-    def _sample(seqs: list[_Seq], logits: torch.Tensor) -> list[int]:
+    def _sample(seqs: list[_Seq], logits: torch.Tensor, argmax: torch.Tensor | None) -> list[int]:
         tokens: list[int | None] = [None] * len(seqs)
         plain = [i for i, s in enumerate(seqs) if s.request.params.greedy and s.seen is None and s.counts is None]
         if len(plain) == len(seqs):  # the common all-greedy batch: one argmax, no copies
-            return logits.argmax(-1).tolist()
+            return (argmax if argmax is not None else logits.argmax(-1)).tolist()
         if plain:
             for i, t in zip(plain, logits[plain].argmax(-1).tolist()):
                 tokens[i] = t

@@ -86,7 +86,7 @@ def _declare(lib: ctypes.CDLL) -> None:
                                     p, p, p, p, p, i64, i64]
     lib.q25_decoder_new.restype = p
     lib.q25_decoder_free.argtypes, lib.q25_decoder_free.restype = [p], None
-    lib.q25_decoder_step.argtypes = [p, i64, p, p, p, p, p, p, i32]
+    lib.q25_decoder_step.argtypes = [p, i64, p, p, p, p, p, p, p, p, i32]
     lib.q25_decoder_step.restype = i32
     lib.q25_linear.argtypes = [i32, i32, p, p, i64, i64, i64, p, i32]
     lib.q25_linear.restype = i32

@@ -54,20 +54,33 @@ inline int64_t chunk_rows(int64_t K, int64_t elsize, int64_t total_rows, int nth
   return std::max<int64_t>(1, target / row);
 }
 
-template <typename T>
-void gemv(const Kernels<T>& kern, const Job* jobs, int njobs, const T* x, int64_t M, int64_t K,
-          int64_t ldy, int nthreads) {
-  std::vector<Chunk> chunks;
+inline std::vector<Chunk> plan(const Job* jobs, int njobs, int64_t K, int64_t elsize, int nthreads) {
   int64_t total = 0;
   for (int j = 0; j < njobs; ++j) total += jobs[j].N;
-  const int64_t step = chunk_rows(K, sizeof(T), total, nthreads);
+  const int64_t step = chunk_rows(K, elsize, total, nthreads);
+  std::vector<Chunk> chunks;
   for (int j = 0; j < njobs; ++j)
     for (int64_t n0 = 0; n0 < jobs[j].N; n0 += step) chunks.push_back({j, n0, std::min(jobs[j].N, n0 + step)});
+  return chunks;
+}
+
+// Run the planned work items; post(item, chunk) runs on the same thread right after an
+// item's rows are done (while its outputs are still in cache).
+template <typename T, typename Post>
+void run(const Kernels<T>& kern, const Job* jobs, const std::vector<Chunk>& chunks, const T* x, int64_t M,
+         int64_t K, int64_t ldy, int nthreads, Post&& post) {
   parallel_for(int64_t(chunks.size()), nthreads, [&](int64_t c, int) {
     const Chunk& ch = chunks[size_t(c)];
     const Job& jb = jobs[ch.job];
     kern.rows(static_cast<const T*>(jb.W), K, x, M, jb.y, ldy, ch.n0, ch.n1);
+    post(c, ch);
   });
+}
+
+template <typename T>
+void gemv(const Kernels<T>& kern, const Job* jobs, int njobs, const T* x, int64_t M, int64_t K,
+          int64_t ldy, int nthreads) {
+  run(kern, jobs, plan(jobs, njobs, K, sizeof(T), nthreads), x, M, K, ldy, nthreads, [](int64_t, const Chunk&) {});
 }
 
 // ---- the decoder ----------------------------------------------------------------------
@@ -168,9 +181,51 @@ void attention(const Kernels<T>& kern, const Decoder& D, int64_t M, const float*
   }
 }
 
+// logits [M, vocab] = h @ lm_head^T, rounded to T as the model's output is; also, per row,
+// the log-sum-exp and the argmax (first index of the maximum, as torch.argmax), computed
+// per work item while its logits are in cache and merged in item order (deterministic).
+// Doing this here spares the engine two full-vocabulary torch reductions per step.
+template <typename T>
+void lm_head(const Kernels<T>& kern, const Decoder& D, int64_t M, const T* h, float* logits, float* lse,
+             int64_t* argmax, int nthreads) {
+  const int64_t V = D.vocab;
+  Job head = {D.lm_head, V, logits};
+  const std::vector<Chunk> chunks = plan(&head, 1, D.hidden, sizeof(T), nthreads);
+  struct Stat { float max; int64_t arg; float sum; };
+  std::vector<Stat> stats(chunks.size() * size_t(M));
+  run(kern, &head, chunks, h, M, D.hidden, V, nthreads, [&](int64_t c, const Chunk& ch) {
+    for (int64_t m = 0; m < M; ++m) {
+      float* row = logits + m * V;
+      float mx = -INFINITY;
+      int64_t arg = ch.n0;
+      for (int64_t n = ch.n0; n < ch.n1; ++n) {
+        const float v = rnd<T>(row[n]);
+        row[n] = v;
+        if (v > mx) {
+          mx = v;
+          arg = n;
+        }
+      }
+      stats[size_t(c * M + m)] = {mx, arg, kern.sumexp(row + ch.n0, ch.n1 - ch.n0, mx)};
+    }
+  });
+  for (int64_t m = 0; m < M; ++m) {
+    Stat best = {-INFINITY, 0, 0.f};
+    for (size_t c = 0; c < chunks.size(); ++c)
+      if (stats[c * size_t(M) + size_t(m)].max > best.max) best = stats[c * size_t(M) + size_t(m)];
+    float sum = 0.f;
+    for (size_t c = 0; c < chunks.size(); ++c) {
+      const Stat& s = stats[c * size_t(M) + size_t(m)];
+      sum += s.sum * std::exp(s.max - best.max);
+    }
+    if (lse) lse[m] = best.max + std::log(sum);
+    if (argmax) argmax[m] = best.arg;
+  }
+}
+
 template <typename T>
 int step_impl(const Decoder& D, int64_t M, const T* x_in, const T* cos, const T* sin, const int64_t* slot,
-              const int64_t* pos, float* logits, int nthreads) {
+              const int64_t* pos, float* logits, float* lse, int64_t* argmax, int nthreads) {
   const Kernels<T> kern = kernels_for<T>(D.isa);
   const int64_t H = D.hidden, I = D.inter, d = D.head_dim, Hq = D.n_heads, Hkv = D.n_kv;
   const int64_t Nq = Hq * d, Nkv = Hkv * d, Nqkv = Nq + 2 * Nkv, half = d / 2;
@@ -239,9 +294,7 @@ int step_impl(const Decoder& D, int64_t M, const T* x_in, const T* cos, const T*
   }
 
   rmsnorm<T>(resid.data(), static_cast<const T*>(D.norm), M, H, D.eps, h.data());
-  Job head = {D.lm_head, D.vocab, logits};
-  gemv<T>(kern, &head, 1, h.data(), M, H, D.vocab, nthreads);
-  for (int64_t i = 0; i < M * D.vocab; ++i) logits[i] = rnd<T>(logits[i]);
+  lm_head<T>(kern, D, M, h.data(), logits, lse, argmax, nthreads);
   return 0;
 }
 
@@ -270,15 +323,16 @@ void q25_decoder_free(void* dec) { delete static_cast<Decoder*>(dec); }
 
 // One decode step for M sequences: x [M, hidden] embeddings (dtype), cos/sin [M, head_dim]
 // (dtype), slot[m] the cache row, pos[m] the position of the new token (= tokens cached
-// before it). Writes logits [M, vocab] fp32 (values rounded to the dtype). 0 on success.
+// before it). Writes logits [M, vocab] fp32 (values rounded to the dtype) and, when not
+// null, lse [M] (log-sum-exp of each row) and argmax [M]. 0 on success.
 int q25_decoder_step(void* dec, int64_t M, const void* x, const void* cos, const void* sin, const int64_t* slot,
-                     const int64_t* pos, float* logits, int nthreads) {
+                     const int64_t* pos, float* logits, float* lse, int64_t* argmax, int nthreads) {
   const Decoder& D = *static_cast<Decoder*>(dec);
   if (D.dtype == BF16)
     return step_impl<bf16>(D, M, static_cast<const bf16*>(x), static_cast<const bf16*>(cos),
-                           static_cast<const bf16*>(sin), slot, pos, logits, nthreads);
+                           static_cast<const bf16*>(sin), slot, pos, logits, lse, argmax, nthreads);
   return step_impl<float>(D, M, static_cast<const float*>(x), static_cast<const float*>(cos),
-                          static_cast<const float*>(sin), slot, pos, logits, nthreads);
+                          static_cast<const float*>(sin), slot, pos, logits, lse, argmax, nthreads);
 }
 
 // y [M, N] fp32 = x [M, K] @ W[N, K]^T with the chosen kernels (for tests and benchmarks).

@@ -66,6 +66,8 @@ template <typename T>
 using MixFn = void (*)(const float* p, int64_t G, int64_t stride, const T* v, int64_t L, int64_t d, float* out);
 // x[i] = exp(x[i] - shift); returns the sum of the results.
 using ExpSumFn = float (*)(float* x, int64_t n, float shift);
+// sum_i exp(x[i] - shift), x unchanged.
+using SumExpFn = float (*)(const float* x, int64_t n, float shift);
 // silu(g) for a vector: g / (1 + exp(-g)), fp32.
 using SiluFn = void (*)(const float* g, float* out, int64_t n);
 
@@ -100,6 +102,12 @@ template <typename T> void mix_portable(const float* p, int64_t G, int64_t strid
   for (int64_t t = 0; t < L; ++t)
     for (int64_t h = 0; h < G; ++h)
       for (int64_t i = 0; i < d; ++i) out[h * d + i] += p[h * stride + t] * ld(v, t * d + i);
+}
+
+inline float sumexp_portable(const float* x, int64_t n, float shift) {
+  float s = 0.f;
+  for (int64_t i = 0; i < n; ++i) s += std::exp(x[i] - shift);
+  return s;
 }
 
 inline float expsum_portable(float* x, int64_t n, float shift) {
@@ -268,6 +276,15 @@ void mix_avx512(const float* p, int64_t G, int64_t stride, const T* v, int64_t L
   }
 }
 
+inline float sumexp_avx512(const float* x, int64_t n, float shift) {
+  __m512 s = _mm512_setzero_ps(), sh = _mm512_set1_ps(shift);
+  for (int64_t i = 0; i < n; i += 16) {
+    __mmask16 mk = tail16(n - i);
+    s = _mm512_add_ps(s, _mm512_maskz_mov_ps(mk, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, x + i), sh))));
+  }
+  return _mm512_reduce_add_ps(s);
+}
+
 inline float expsum_avx512(float* x, int64_t n, float shift) {
   __m512 s = _mm512_setzero_ps(), sh = _mm512_set1_ps(shift);
   for (int64_t i = 0; i < n; i += 16) {
@@ -311,12 +328,14 @@ template <typename T> struct Kernels {
   ScoresFn<T> scores;
   MixFn<T> mix;
   ExpSumFn expsum;
+  SumExpFn sumexp;
   SiluFn silu;
 };
 
 template <typename T> Kernels<T> kernels_for(int isa) {
-  if (isa == AVX512) return {rows_avx512<T>, scores_avx512<T>, mix_avx512<T>, expsum_avx512, silu_avx512};
-  return {rows_portable<T>, scores_portable<T>, mix_portable<T>, expsum_portable, silu_portable};
+  if (isa == AVX512)
+    return {rows_avx512<T>, scores_avx512<T>, mix_avx512<T>, expsum_avx512, sumexp_avx512, silu_avx512};
+  return {rows_portable<T>, scores_portable<T>, mix_portable<T>, expsum_portable, sumexp_portable, silu_portable};
 }
 
 }  // namespace q25
