@@ -65,7 +65,8 @@ def default_stop_ids(model) -> frozenset[int]:
 class Engine:
     """Generation over a static KV cache of `max_batch_size` slots x `max_seq_len` positions.
 
-    model: a `qwen25` Transformer (from `load_model` or `build_model`), any device/dtype.
+    model: a `qwen25` Transformer (from `load_model` or `build_model`), any device/dtype,
+      shared, not copied: training can update its weights in place between calls (GRPO).
     max_batch_size: sequences decoded together (a request with n samples takes n slots).
     max_seq_len: prompt + generated tokens per sequence; the cache is allocated up front
       (2 x layers x slots x kv_heads x max_seq_len x head_dim elements of the model dtype).
@@ -87,7 +88,7 @@ class Engine:
                 raise UserError(f"Engine {name}={v!r} must be a positive integer")
         if max_seq_len < 2:
             raise UserError("Engine max_seq_len must be at least 2 (one prompt and one new token)")
-        self.model = model.eval()
+        self.model = model  # used as it is: the engine never changes its mode or parameters
         self.config = model.config
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         if threads is not None and (not isinstance(threads, int) or threads < 1):
