@@ -12,6 +12,16 @@ core (`add` / `step` / `cancel`, see `scheduler.py`) that the server drives from
 thread. Prompts of different lengths share a batch and each sequence stops on its own;
 the `n` samples of a prompt share one prefill.
 
+A server drives the core from one thread and adds requests from others:
+
+    request = engine.add(prompt_ids, max_new_tokens=256, temperature=0.7, seed=1)  # any thread;
+    ...                                                      # UserError for bad input, here
+    while running:                                           # the scheduler thread
+        if not engine.has_work: wait_for_new_requests()
+        for out in engine.step():                            # StepOutput: request, index,
+            send(out.request, out.token, out.finish_reason)  # token, logprob, finish_reason
+    engine.cancel(request)                                   # client gone: slots freed
+
 Speed on CPU: the prompt is prefilled by the PyTorch model (big matmuls); every decode step
 of the whole batch is a single call into C++ kernels (`fast.py`) that stream each weight
 once per step. `engine.decode_path` says which path runs ("fast", "portable" or "torch")
