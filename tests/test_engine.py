@@ -14,7 +14,8 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from conftest import randomize_
-from qwen25 import Engine, load_model
+from qwen25 import Engine, build_model, load_model
+from qwen25.config import ModelConfig
 from qwen25.errors import UserError
 
 PATHS = ["torch", "portable", "auto"]
@@ -231,6 +232,11 @@ def test_bad_engine_arguments(model):
         Engine(model, max_batch_size=0)
     with pytest.raises(UserError, match="max_seq_len"):
         Engine(model, max_seq_len=1)
+    with pytest.raises(UserError, match="decode path"):
+        Engine(model, decode="gpu")
+    moe = build_model(ModelConfig.preset("tiny-moe").replace(vocab_size=64))
+    with pytest.raises(UserError, match="mixture-of-experts"):
+        Engine(moe, decode="fast")
 
 
 @pytest.mark.parametrize("path", PATHS)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from qwen25.engine.fast import FastDecoder, unsupported_reason
 from qwen25.engine.kv_cache import SlotCache
+from qwen25.errors import UserError
 
 
 class Logits(NamedTuple):
@@ -38,7 +39,7 @@ class ModelRunner:
 
     def __init__(self, model, slots: int, max_seq_len: int, decode: str = "auto", threads: int | None = None):
         if decode not in ("auto", "fast", "torch", "portable"):
-            raise ValueError(f"decode={decode!r}: use auto, fast, torch or portable")
+            raise UserError(f"decode={decode!r} is not a decode path; use auto, fast, torch or portable")
         self.model = model
         self.config = model.config
         self.cache = SlotCache(model.config, slots, max_seq_len, model.dtype, model.device)
@@ -53,7 +54,7 @@ class ModelRunner:
             if self.fast_reason is None:
                 self.fast = FastDecoder(model, self.cache, self._isa, threads)
             elif decode in ("fast", "portable"):
-                raise RuntimeError(f"decode={decode!r} is unavailable: {self.fast_reason}")
+                raise UserError(f"decode={decode!r} is unavailable here ({self.fast_reason}); use decode='auto'")
 
     @property
     def decode_path(self) -> str:
