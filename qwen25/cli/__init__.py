@@ -19,6 +19,8 @@ from qwen25.errors import UserError
 VERBS: dict[str, tuple[str, str]] = {
     "inspect": ("inspect", "print a checkpoint's config, parameter counts and memory"),
     "demo": ("demo", "build a small random model, save, load and generate from it"),
+    "generate": ("generate", "stream a completion (or a chat reply) for one prompt"),
+    "chat": ("chat", "interactive terminal chat with a checkpoint"),
     "tokenizer": ("tokenizer", "encode, decode, train or export a byte-level BPE tokenizer"),
     "data": ("data", "pretraining data: fetch built-in corpora, prepare shards, stats"),
 }
