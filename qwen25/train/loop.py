@@ -129,7 +129,8 @@ def _zscore(x: float, hist: Sequence[float], min_history: int) -> float | None:
         return None
     mean = sum(hist) / n
     std = math.sqrt(sum((h - mean) ** 2 for h in hist) / max(n - 1, 1))
-    return (x - mean) / max(std, 1e-8 * max(abs(mean), 1.0))
+    # A floor of 1% of the mean: a perfectly flat history must not turn noise into "spikes".
+    return (x - mean) / max(std, 0.01 * abs(mean), 1e-12)
 
 
 # --------------------------------------------------------------------------------------
