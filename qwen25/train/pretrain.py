@@ -109,10 +109,10 @@ def _check_same_shape(loaded: ModelConfig, wanted: ModelConfig, where: str) -> N
 
 
 def _check_resume(ck: ckpt_io.Checkpoint, expected: ModelConfig, cfg: PretrainConfig, world_size: int) -> None:
-    saved = ck.model_config
-    diffs = [f"{f.name}: checkpoint {getattr(saved, f.name)!r} vs config {getattr(expected, f.name)!r}"
-             for f in dataclasses.fields(ModelConfig)
-             if f.name != "torch_dtype" and getattr(saved, f.name) != getattr(expected, f.name)]
+    saved, wanted = ck.model_config.to_hf(), expected.to_hf()
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {wanted.get(k)!r}"
+             for k in sorted(set(saved) | set(wanted))
+             if k != "torch_dtype" and saved.get(k) != wanted.get(k)]
     if diffs:
         raise ckpt_io.ResumeError(
             f"{ck.path} holds a different model ({'; '.join(diffs[:3])}); resume with the config "
