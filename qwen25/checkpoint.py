@@ -133,11 +133,41 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None,
     params = dict(model.named_parameters(remove_duplicate=False))
     with torch.no_grad():
         for file, keys in plan.items():
-            with safe_open(file, framework="pt", device="cpu") as f:
-                for key in keys:
-                    _destination(params, key).copy_(f.get_tensor(key))
+            _copy_from_file(file, keys, params)
     model.generation_config = read_generation_config(folder, cfg)
     return model.eval()
+
+
+# The file's pages read through safetensors' memory map stay resident while it is open, on
+# top of the model's own copy; reopening every so many bytes keeps the peak near 1x.
+_MAP_BUDGET = 128 * 2**20
+
+
+def _copy_from_file(file: Path, keys: list[str], params: dict[str, torch.Tensor]) -> None:
+    """Copy `keys` of one safetensors file into the model, largest first.
+
+    Parameters are materialised lazily (their pages are touched only when written), so the
+    transient copies of the big tensors happen while little of the model is resident yet.
+    """
+    with safe_open(file, framework="pt", device="cpu") as f:
+        sizes = {k: _numel(f.get_slice(k).get_shape()) for k in keys}
+    order = sorted(keys, key=lambda k: -sizes[k])
+    i = 0
+    while i < len(order):
+        with safe_open(file, framework="pt", device="cpu") as f:
+            mapped = 0
+            while i < len(order) and (mapped == 0 or mapped + sizes[order[i]] * 4 <= _MAP_BUDGET):
+                key = order[i]
+                _destination(params, key).copy_(f.get_tensor(key))
+                mapped += sizes[key] * 4  # an upper bound in bytes (at most 4 per element)
+                i += 1
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def _folder(path: str | Path) -> Path:
@@ -326,8 +356,11 @@ def _atomic_write_text(path: Path, text: str) -> Path:
     return path
 
 
-def weights_on_disk(path: str | Path) -> dict[str, int]:
-    """How many weight files a folder has and their total size in bytes."""
-    located = _weight_files(_folder(path))
-    files = set(located.values()) if isinstance(located, dict) else {located}
-    return {"count": len(files), "bytes": sum(p.stat().st_size for p in files)}
+def verify_checkpoint(path: str | Path) -> dict[str, int]:
+    """Check a folder as `load_model` would (headers only, no weights read).
+
+    Returns how many weight files it has and their total size in bytes.
+    """
+    folder = _folder(path)
+    plan = _plan(folder, load_config(folder))
+    return {"count": len(plan), "bytes": sum(p.stat().st_size for p in plan)}

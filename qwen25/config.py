@@ -159,10 +159,6 @@ class ModelConfig:
     bos_token_id: int | None = 151643
     eos_token_id: int | tuple[int, ...] | None = 151643
     pad_token_id: int | None = None
-    # Sliding window exists in the HF config but is off in every Qwen2.5 checkpoint.
-    use_sliding_window: bool = False
-    sliding_window: int | None = None
-    max_window_layers: int | None = None
     # --- mixture of experts (num_experts == 0 means dense) ---
     num_experts: int = 0  # routed experts per MoE layer
     num_experts_per_tok: int = 0  # top-k
@@ -209,11 +205,6 @@ class ModelConfig:
             raise ConfigError(f"rope_theta={self.rope_theta} must be positive")
         if not 0 < self.rms_norm_eps < 1:
             raise ConfigError(f"rms_norm_eps={self.rms_norm_eps} must be in (0, 1)")
-        if self.use_sliding_window:
-            raise ConfigError(
-                "use_sliding_window=true is not supported (no released Qwen2.5 checkpoint uses "
-                "it); set use_sliding_window to false"
-            )
         if not 0.0 <= self.attention_dropout < 1.0:
             raise ConfigError(f"attention_dropout={self.attention_dropout} must be in [0, 1)")
         if self.num_experts < 0:
@@ -321,10 +312,10 @@ class ModelConfig:
             "bos_token_id": self.bos_token_id,
             "eos_token_id": list(self.eos_token_id) if isinstance(self.eos_token_id, tuple)
             else self.eos_token_id,
+            # Sliding window is off in every Qwen2.5 checkpoint; these keep readers happy.
             "use_sliding_window": False,
-            "sliding_window": self.sliding_window,
-            "max_window_layers": self.max_window_layers if self.max_window_layers is not None
-            else self.num_hidden_layers,
+            "sliding_window": None,
+            "max_window_layers": self.num_hidden_layers,
             "use_cache": True,
             "torch_dtype": self.torch_dtype,
         }
@@ -361,7 +352,7 @@ _HF_BOOKKEEPING = frozenset({
     "task_specific_params", "finetuning_task", "cross_attention_hidden_size", "tf_legacy_loss",
     "output_router_logits", "qkv_bias", "layer_types", "rope_parameters", "rope_scaling",
     "rope_theta", "dual_chunk_attention_config", "auto_map", "_attn_implementation_autoset",
-    "use_mrope",
+    "use_mrope", "sliding_window", "max_window_layers", "use_sliding_window",
 })
 
 
@@ -384,6 +375,9 @@ def _config_from_hf_dict(src: dict[str, Any]) -> ModelConfig:
             "and quantize with `qwen25 quantize`"
         )
     d.pop("quantization_config", None)
+    if d.get("use_sliding_window"):
+        raise ConfigError("use_sliding_window=true is not supported (no released Qwen2.5 "
+                          "checkpoint uses it); set use_sliding_window to false")
     layer_types = d.get("layer_types")
     if layer_types and any(t != "full_attention" for t in layer_types):
         raise ConfigError("layer_types other than 'full_attention' (sliding windows) are not supported")
@@ -433,7 +427,6 @@ def _config_from_hf_dict(src: dict[str, Any]) -> ModelConfig:
         kwargs["num_key_value_heads"] = kwargs.get("num_attention_heads")
     if kwargs.get("mlp_only_layers") is None:
         kwargs.pop("mlp_only_layers", None)
-    # HF stores sliding_window even when it is off; it is inert unless use_sliding_window.
     missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
                            "num_attention_heads") if k not in kwargs]
     if missing:

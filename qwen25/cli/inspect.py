@@ -13,13 +13,13 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qwen25.checkpoint import load_config, weights_on_disk
+    from qwen25.checkpoint import load_config, verify_checkpoint
     from qwen25.config import PRESETS, ModelConfig, count_parameters
 
     if args.path in PRESETS and not Path(args.path).exists():
         cfg, disk = ModelConfig.preset(args.path), None
     else:
-        cfg, disk = load_config(args.path), weights_on_disk(args.path)
+        cfg, disk = load_config(args.path), verify_checkpoint(args.path)
     counts = count_parameters(cfg)
     bytes_per = {"float32": 4, "bfloat16": 2, "float16": 2}.get(cfg.torch_dtype, 2)
     info = {

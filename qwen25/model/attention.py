@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen25.config import ModelConfig
-from qwen25.model.rope import apply_rotary
+from qwen25.model.dca import dual_chunk_attention
+from qwen25.model.rope import RotaryTables, apply_rotary
 
 
 class Attention(nn.Module):
@@ -26,18 +27,45 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
         self.dropout = cfg.attention_dropout
+        self.dca = cfg.dual_chunk_attention
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None, kv_cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RotaryTables, mask: torch.Tensor | None,
+                kv_cache=None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, d]
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, T, d]
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_idx, k, v)  # [B, Hkv, S, d], S = cached + T
-        y = sdpa(q, k, v, mask, dropout=self.dropout if self.training else 0.0)
+        if self.dca is not None:
+            y = self._dual_chunk(q, k, v, rope, kv_cache)
+        else:
+            q, k = apply_rotary(q, rope.cos, rope.sin), apply_rotary(k, rope.cos, rope.sin)
+            if kv_cache is not None:
+                k, v = kv_cache.update(self.layer_idx, k, v)  # [B, Hkv, S, d], S = cached + T
+            y = sdpa(q, k, v, mask, dropout=self.dropout if self.training else 0.0)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def _dual_chunk(self, q, k, v, rope: RotaryTables, kv_cache) -> torch.Tensor:
+        """DCA: keys rotated by their chunk offset, queries three ways (see dca.py).
+
+        Key slot j of a row must hold absolute position j, which is how `KVCache` lays rows
+        out and what a plain forward without padding gives.
+        """
+        (cos_k, sin_k), (cos_s, sin_s), (cos_i, sin_i) = rope.dca
+        k = apply_rotary(k, cos_k, sin_k)
+        qs = [apply_rotary(q, c, s) for c, s in ((cos_k, sin_k), (cos_s, sin_s), (cos_i, sin_i))]
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)
+        B, H, T, d = q.shape
+        g = H // self.n_kv
+        out = []
+        for b in range(B):
+            start = int(rope.positions[b, 0])
+            length = start + T
+            grouped = [x[b].view(self.n_kv, g, T, d) for x in qs]  # heads j*g..j*g+g-1 share KV j
+            y = dual_chunk_attention(*grouped, k[b, :, :length], v[b, :, :length], start, self.dca,
+                                     scale=d ** -0.5)
+            out.append(y.reshape(H, T, d))
+        return torch.stack(out)
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

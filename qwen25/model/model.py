@@ -19,7 +19,7 @@ from torch import nn
 from qwen25.config import ModelConfig
 from qwen25.model.attention import Attention
 from qwen25.model.moe import MLP, SparseMoE
-from qwen25.model.rope import cos_sin, rope_parameters
+from qwen25.model.rope import rope_parameters, rotary_tables
 
 
 class RMSNorm(nn.Module):
@@ -44,8 +44,8 @@ class Block(nn.Module):
         self.is_moe = cfg.is_moe_layer(layer_idx)
         self.mlp = SparseMoE(cfg) if self.is_moe else MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, mask, kv_cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache)
+    def forward(self, x, rope, mask, kv_cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, kv_cache)
         h = self.post_attention_layernorm(x)
         if self.is_moe:
             y, router_logits = self.mlp(h)
@@ -103,15 +103,19 @@ class Transformer(nn.Module):
             mask, cache_positions = kv_cache.begin(T)
             positions = cache_positions if positions is None else positions
         elif attention_mask is not None:
+            if self.config.dual_chunk_attention is not None:
+                raise ValueError("dual chunk attention does not take a padding mask; run rows "
+                                 "separately or through a KVCache")
             mask, pad_positions = padding_mask(attention_mask)
             positions = pad_positions if positions is None else positions
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         x = self.model.embed_tokens(input_ids)
-        cos, sin = cos_sin(self.rope_inv_freq(), positions, self.attention_scaling, dtype=x.dtype)
+        rope = rotary_tables(self.config, self.rope_inv_freq(positions), self.attention_scaling,
+                             positions, x.dtype)
         router_logits = []
         for layer in self.model.layers:
-            x, r = layer(x, cos, sin, mask, kv_cache)
+            x, r = layer(x, rope, mask, kv_cache)
             if r is not None:
                 router_logits.append(r)
         if kv_cache is not None:
@@ -128,7 +132,14 @@ class Transformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.model.embed_tokens.weight.dtype
 
-    def rope_inv_freq(self) -> torch.Tensor:
+    def rope_inv_freq(self, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The inverse frequencies on the weights' device (dynamic NTK: for these positions)."""
+        sc = self.config.rope_scaling
+        if sc is not None and sc.type == "dynamic" and positions is not None:
+            longest = int(positions.max()) + 1
+            original = sc.original_max_position_embeddings or self.config.max_position_embeddings
+            if longest > original:
+                return rope_parameters(self.config, longest)[0].to(self.device)
         if self.inv_freq.device != self.device:
             self.inv_freq = self.inv_freq.to(self.device)
         return self.inv_freq

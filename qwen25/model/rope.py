@@ -15,10 +15,25 @@ All tables are computed in float32 and only then cast to the activation dtype.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
 from qwen25.config import ModelConfig, RopeScaling
+from qwen25.model.dca import query_positions
+
+
+class RotaryTables(NamedTuple):
+    """What attention needs to place tokens: cos/sin [B, T, d] of each token's position.
+
+    With dual chunk attention, `dca` holds (cos, sin) for the key/intra, successive and inter
+    query positions instead, and `positions` [B, T] are the absolute positions.
+    """
+
+    cos: torch.Tensor | None
+    sin: torch.Tensor | None
+    positions: torch.Tensor
+    dca: tuple | None = None
 
 
 def default_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
@@ -112,3 +127,15 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """x: [B, H, T, d]; cos/sin: [B, T, d] (broadcast over heads)."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return x * cos + rotate_half(x) * sin
+
+
+def rotary_tables(cfg: ModelConfig, inv_freq: torch.Tensor, attention_scaling: float,
+                  positions: torch.Tensor, dtype: torch.dtype) -> RotaryTables:
+    """cos/sin tables for one forward (three sets of them under dual chunk attention)."""
+    if cfg.dual_chunk_attention is None:
+        cos, sin = cos_sin(inv_freq, positions, attention_scaling, dtype)
+        return RotaryTables(cos, sin, positions)
+    # Keys use the intra-chunk table: both are the offset of the token inside its chunk.
+    tables = tuple(cos_sin(inv_freq, p, attention_scaling, dtype)
+                   for p in query_positions(positions, cfg.dual_chunk_attention))
+    return RotaryTables(None, None, positions, tables)
