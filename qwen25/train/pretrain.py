@@ -73,9 +73,18 @@ def base_model_config(cfg: PretrainConfig, tokenizer=None) -> ModelConfig:
         eos = tokenizer.eos_token_id
         changes.setdefault("eos_token_id", eos)
         changes.setdefault("bos_token_id", eos)  # Qwen has no BOS; HF configs name <|endoftext|>
+    else:
+        vocab = changes.get("vocab_size", mc.vocab_size)
+        for key in ("eos_token_id", "bos_token_id"):  # ids past a shrunken vocabulary mean nothing
+            ids = getattr(mc, key)
+            if key not in changes and ids is not None and max(ids if isinstance(ids, tuple) else (ids,)) >= vocab:
+                changes[key] = None
     first = cfg.stages[0]
+    # A model trained from scratch knows the context it was trained on; one continued from
+    # a checkpoint keeps at least the context it came with.
+    known = mc.max_position_embeddings if cfg.init_from else 0
     changes.setdefault("max_position_embeddings",
-                       max(stage_seq_len(cfg, first), first.max_position_embeddings or 0))
+                       max(stage_seq_len(cfg, first), first.max_position_embeddings or 0, known))
     if first.rope_theta:
         changes["rope_theta"] = first.rope_theta
     mc = mc.replace(**changes) if changes else mc
@@ -357,10 +366,10 @@ def _gather_rng(world: parallel.World) -> list[dict[str, torch.Tensor]]:
 def _load_tokenizer(path: str | None):
     if path is None:
         return None
-    from qwen25.tokenizer import load_tokenizer
-
     if not Path(path).exists():
         raise UserError(f"tokenizer {path} not found; train one with `qwen25 tokenizer train` or omit it")
+    from qwen25.tokenizer import load_tokenizer
+
     return load_tokenizer(path)
 
 
