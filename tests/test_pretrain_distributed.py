@@ -35,7 +35,7 @@ def _config(tmp: Path, name: str, parallel: str) -> Path:
         write_fake_manifest(tmp / "data", toks[:18000], toks[18000:])
     cfg = {
         "out": str(tmp / name), "model": "tiny", "model_overrides": {"vocab_size": 64},
-        "data": [str(manifest)], "seq_len": 32, "batch_tokens": 512, "micro_batch": 4,
+        "data": str(manifest), "seq_len": 32, "batch_tokens": 512, "micro_batch": 4,
         "lr": 3e-3, "warmup_steps": 2, "threads": 1, "eval_every": 0, "eval_tokens": 512,
         "checkpoint_every": 2, "parallel": parallel, "peak_flops": 1e12,
         "stages": [{"name": "short", "steps": 6},

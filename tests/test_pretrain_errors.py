@@ -36,7 +36,7 @@ def _nothing_trained(out):
 
 def test_unknown_key_in_config_file(tmp_path, capsys, manifest):
     cfg = tmp_path / "c.json"
-    cfg.write_text(json.dumps({"data": [manifest], "lrr": 1e-3, "out": str(tmp_path / "o")}))
+    cfg.write_text(json.dumps({"data": manifest, "lrr": 1e-3, "out": str(tmp_path / "o")}))
     code, err = _cli(capsys, "--config", str(cfg))
     _assert_one_line_error(code, err, "unknown config key 'lrr'", "did you mean 'lr'")
     _nothing_trained(tmp_path / "o")
@@ -71,7 +71,7 @@ def test_batch_not_divisible_by_micro_batch(tmp_path, capsys, manifest):
 
 def test_resuming_with_an_incompatible_model_config(tmp_path, capsys, manifest):
     out = tmp_path / "run"
-    pretrain(PretrainConfig(out=str(out), model="tiny", model_overrides={"vocab_size": 50}, data=(manifest,),
+    pretrain(PretrainConfig(out=str(out), model="tiny", model_overrides={"vocab_size": 50}, data=manifest,
                             seq_len=16, batch_tokens=64, micro_batch=4, stages=(Stage("a", steps=2),),
                             eval_tokens=64, peak_flops=1e12), loader_factory=fake_factory)
     before = sorted(p.name for p in (out / "checkpoints").iterdir())

@@ -46,10 +46,10 @@ def test_tiny_run_beats_the_unigram_entropy_of_held_out_text(tmp_path):
         out=str(tmp_path / "run"), model="tiny",
         model_overrides={"vocab_size": 256, "hidden_size": 96, "intermediate_size": 256,
                          "num_attention_heads": 4, "num_key_value_heads": 2},
-        data=(str(manifest),), seq_len=64, batch_tokens=2048, micro_batch=32, lr=4e-3,
+        data=str(manifest), seq_len=64, batch_tokens=2048, micro_batch=32, lr=4e-3,
         warmup_steps=10, schedule="wsd", decay_frac=0.3, eval_every=0, eval_tokens=16384,
         checkpoint_every=0, peak_flops=1e12, stages=(Stage("main", steps=150),))
     summary = pretrain(cfg, loader_factory=fake_factory)
-    held_out = summary["eval"]["data"]["loss"]
+    held_out = summary["eval"]["all"]["loss"]
     assert held_out < 0.75 * unigram, f"held-out {held_out:.3f} nats vs unigram entropy {unigram:.3f}"
-    assert summary["eval"]["data"]["bpb"] == pytest.approx(held_out / math.log(2))
+    assert summary["eval"]["all"]["bpb"] == pytest.approx(held_out / math.log(2))

@@ -38,7 +38,7 @@ def _config(tmp: Path, out: str) -> Path:
     manifest = write_fake_manifest(tmp / "data", toks[:27000], toks[27000:])
     cfg = {
         "out": str(tmp / out), "model": "tiny", "model_overrides": {"vocab_size": V},
-        "data": [str(manifest)], "seq_len": 16, "batch_tokens": 128, "micro_batch": 4,
+        "data": str(manifest), "seq_len": 16, "batch_tokens": 128, "micro_batch": 4,
         "lr": 3e-3, "warmup_steps": 3, "threads": 1, "checkpoint_every": 1, "keep_checkpoints": 2,
         "eval_every": 5, "eval_tokens": 256, "peak_flops": 1e12,
         "stages": [{"name": "short", "steps": 10},

@@ -27,7 +27,7 @@ def manifest(tmp_path_factory):
 
 def _run(out, manifest, reset=False, **stage2):
     cfg = PretrainConfig(
-        out=str(out), model="tiny", model_overrides={"vocab_size": 80}, data=(manifest,),
+        out=str(out), model="tiny", model_overrides={"vocab_size": 80}, data=manifest,
         seq_len=16, batch_tokens=128, micro_batch=4, lr=3e-3, warmup_steps=2, eval_every=0,
         eval_tokens=256, checkpoint_every=0, keep_checkpoints=5, peak_flops=1e12,
         stages=(Stage("short", steps=5),

@@ -18,14 +18,15 @@ import torch
 
 class ArrayLoader:
     def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, shuffle: bool = True, bytes_per_token: float = 1.0):
+                 world_size: int = 1, seed: int = 0, shuffle: bool = True, bytes_per_token: float = 1.0,
+                 epochs: int | None = None):
         self.tokens = torch.from_numpy(tokens.astype(np.int64))
         self.seq_len, self.batch_size = seq_len, batch_size
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
         self.n_seq = (len(tokens) - 1) // seq_len
         assert self.n_seq >= batch_size * world_size, "corpus too small for one global batch"
         self.epoch, self.cursor = 0, 0
-        self.bytes_per_token = bytes_per_token
+        self.bytes_per_token, self.epochs = bytes_per_token, epochs
 
     def _order(self) -> torch.Tensor:
         if not self.shuffle:
@@ -34,7 +35,7 @@ class ArrayLoader:
         return torch.randperm(self.n_seq, generator=g)
 
     def __iter__(self):
-        while True:
+        while self.epochs is None or self.epoch < self.epochs:
             order = self._order()
             per_step = self.batch_size * self.world_size
             while self.cursor + per_step <= self.n_seq:
@@ -63,14 +64,14 @@ def write_fake_manifest(folder: Path, train: np.ndarray, val: np.ndarray, bytes_
     return path
 
 
-def fake_factory(manifests, split, seq_len, batch_size, world, seed, shuffle):
-    arrays, bpt = [], 1.0
-    for m in manifests:
-        meta = json.loads(Path(m).read_text())
-        arrays.append(np.load(Path(m).parent / meta[split]))
-        bpt = meta["bytes_per_token"]
-    return ArrayLoader(np.concatenate(arrays), seq_len, batch_size, world.rank, world.world_size,
-                       seed, shuffle, bpt)
+def fake_factory(manifest, *, split, seq_len, batch_size, world, seed, shuffle, mix=None, sources=None,
+                 epochs=None, reset_position_ids=False):
+    """The trainer's `LoaderFactory` signature over a fake manifest (`mix`/`sources` unsupported)."""
+    assert mix is None and sources is None and not reset_position_ids
+    meta = json.loads(Path(manifest).read_text())
+    tokens = np.load(Path(manifest).parent / meta[split])
+    return ArrayLoader(tokens, seq_len, batch_size, world.rank, world.world_size, seed, shuffle,
+                       meta["bytes_per_token"], epochs)
 
 
 def main(config_json: str) -> None:

@@ -36,6 +36,7 @@ class Stage:
     short_fraction: float = 0.0  # share of sequences cut into shorter ones (Qwen2.5-Turbo: 0.6)
     short_seq_len: int | None = None  # length of those shorter sequences (None: seq_len // 4)
     reset_optimizer: bool = False  # start the stage with fresh AdamW moments
+    mix: dict[str, float] | None = None  # domain weights of this stage's data, e.g. {"code": 2, "literature": 1} (None: natural)
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,9 @@ class PretrainConfig:
     model_overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields to change, e.g. {"num_hidden_layers": 6}
     init_from: str | None = None  # checkpoint folder whose weights and shape start the run (then `model` is ignored)
     tokenizer: str | None = None  # HF tokenizer folder: sets vocab/eos, copied into checkpoints, used for samples
-    data: tuple[str, ...] = ()  # training data: manifest.json files written by `qwen25 data prepare`
-    eval_data: tuple[str, ...] = ()  # held-out sets to report (loss, bits/byte): manifests (empty: those of `data`)
+    data: str = ""  # training data: a manifest.json (or its folder) written by `qwen25 data prepare`
+    eval_sets: tuple[str, ...] = ("all",)  # held-out sets to report (loss, bits/byte): "all" or source names of the manifest
+    reset_position_ids: bool = False  # restart positions after each EOS (and mask the EOS label)
     seq_len: int = 1024  # tokens per training sequence (stages may change it)
     batch_tokens: int = 65536  # global batch per optimizer step in tokens, all ranks together
     micro_batch: int = 8  # sequences per forward pass per rank (gradient accumulation makes up the rest)
@@ -71,7 +73,7 @@ class PretrainConfig:
     seed: int = 0  # weights init and data order
     stages: tuple[Stage, ...] = (Stage(name="main", steps=1000),)  # the phases, in order
     eval_every: int = 100  # steps between held-out evaluations (0: only at stage ends)
-    eval_tokens: int = 65536  # held-out tokens per evaluation and set
+    eval_tokens: int = 65536  # held-out tokens per evaluation and set (0: the whole split)
     checkpoint_every: int = 200  # steps between checkpoints (stage ends always save)
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     sample_every: int = 0  # steps between sample generations (0: only at the end)
@@ -123,7 +125,8 @@ def validate(cfg: PretrainConfig, world_size: int = 1) -> None:
     need(cfg.checkpoint_every >= 0 and cfg.eval_every >= 0 and cfg.sample_every >= 0,
          "checkpoint_every, eval_every and sample_every must be >= 0 (0: only at stage ends)")
     need(len(cfg.stages) > 0, "stages is empty: give at least one stage with steps or tokens")
-    need(len(cfg.data) > 0, "data is empty: pass --data DIR/manifest.json (from `qwen25 data prepare`)")
+    need(bool(cfg.data), "data is empty: pass --data DIR/manifest.json (from `qwen25 data prepare`)")
+    need(len(cfg.eval_sets) > 0 or cfg.eval_every == 0, "eval_sets is empty: name \"all\" or sources")
     names = [s.name for s in cfg.stages]
     need(len(set(names)) == len(names), f"stage names must be distinct, got {names}")
     for s in cfg.stages:

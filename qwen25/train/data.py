@@ -10,7 +10,7 @@ the same signature.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 import torch
@@ -28,17 +28,29 @@ class TokenBatches(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-# (manifests, split, seq_len, batch_size, world, seed, shuffle) -> loader
-LoaderFactory = Callable[[Sequence[str], str, int, int, World, int, bool], TokenBatches]
+class LoaderFactory(Protocol):
+    """How the trainer opens token batches (`open_loader`, or a test double)."""
+
+    def __call__(self, manifest: str, *, split: str, seq_len: int, batch_size: int, world: World,
+                 seed: int, shuffle: bool, mix: dict[str, float] | None = None,
+                 sources: Sequence[str] | None = None, epochs: int | None = None,
+                 reset_position_ids: bool = False) -> TokenBatches: ...
 
 
-def open_loader(manifests: Sequence[str], split: str, seq_len: int, batch_size: int, world: World,
-                seed: int, shuffle: bool) -> TokenBatches:
-    """A `PackedLoader` over `manifests`' `split`, this rank's share of every batch."""
+def open_loader(manifest: str, *, split: str, seq_len: int, batch_size: int, world: World, seed: int,
+                shuffle: bool, mix: dict[str, float] | None = None, sources: Sequence[str] | None = None,
+                epochs: int | None = None, reset_position_ids: bool = False) -> TokenBatches:
+    """A `PackedLoader` over one manifest's `split`: this rank's share of every global batch.
+
+    mix: domain weights drawn per batch slot (None: the manifest's natural mixture);
+    sources: restrict to these sources (held-out sets per source); epochs: None is endless.
+    The loader exposes `bytes_per_token` of its selection (for bits per byte).
+    """
     from qwen25.data.loader import PackedLoader
 
-    return PackedLoader(list(manifests), seq_len, batch_size, rank=world.rank,
-                        world_size=world.world_size, seed=seed, shuffle=shuffle, split=split)
+    return PackedLoader(manifest, seq_len, batch_size, rank=world.rank, world_size=world.world_size,
+                        seed=seed, shuffle=shuffle, reset_position_ids=reset_position_ids, mix=mix,
+                        split=split, sources=list(sources) if sources else None, epochs=epochs)
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:

@@ -22,6 +22,7 @@ at full length, 60% shorter), same tokens, so the model keeps seeing short conte
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import sys
 import time
@@ -154,10 +155,9 @@ def pretrain(cfg: PretrainConfig, *, loader_factory: LoaderFactory = open_loader
 def _pretrain(cfg: PretrainConfig, world: parallel.World, loader_factory: LoaderFactory) -> dict[str, Any]:
     # ---- everything that can be wrong with the input, before any work ----------------
     validate(cfg, world.world_size)
-    for m in (*cfg.data, *cfg.eval_data):
-        if not Path(m).exists():
-            raise UserError(f"data manifest {m} not found; create it with `qwen25 data prepare ... "
-                            "--out DIR` and pass DIR/manifest.json")
+    if not Path(cfg.data).exists():
+        raise UserError(f"data manifest {cfg.data} not found; create it with `qwen25 data prepare ... "
+                        "--out DIR` and pass DIR/manifest.json")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     tokenizer = _load_tokenizer(cfg.tokenizer)
@@ -244,7 +244,9 @@ def _pretrain(cfg: PretrainConfig, world: parallel.World, loader_factory: Loader
                 optimizer.state.clear()
             T, mb = stage_seq_len(cfg, stage), stage_micro_batch(cfg, stage)
             accum, n_steps = accumulation(cfg, stage, world.world_size), stage_steps(cfg, stage)
-            loader = loader_factory(cfg.data, "train", T, mb, world, cfg.seed + stage_idx, True)
+            loader = loader_factory(cfg.data, split="train", seq_len=T, batch_size=mb, world=world,
+                                    seed=cfg.seed + stage_idx, shuffle=True, mix=stage.mix,
+                                    reset_position_ids=cfg.reset_position_ids)
             if resuming_here:
                 loader.load_state_dict(state["data"][world.rank])
             batches = iter(loader)
@@ -316,11 +318,12 @@ def _evaluate_all(cfg, model, loss_fn, world, loader_factory, T, mb, autocast, s
                   tokens, bar) -> dict[str, dict[str, float]]:
     """Held-out loss and bits per byte on each eval set (the same batches every time)."""
     results = {}
-    for manifest in cfg.eval_data or cfg.data:
-        name = Path(manifest).parent.name or Path(manifest).stem
-        loader = loader_factory((manifest,), "val", T, mb, world, 0, False)
-        n_batches = max(1, cfg.eval_tokens // (T * mb * world.world_size))
-        batches = (to_device(b, world.device) for _, b in zip(range(n_batches), loader))
+    for name in cfg.eval_sets:
+        loader = loader_factory(cfg.data, split="val", seq_len=T, batch_size=mb, world=world, seed=0,
+                                shuffle=False, sources=None if name == "all" else [name], epochs=1,
+                                reset_position_ids=cfg.reset_position_ids)
+        limit = max(1, cfg.eval_tokens // (T * mb * world.world_size)) if cfg.eval_tokens else None
+        batches = (to_device(b, world.device) for b in itertools.islice(loader, limit))
         r = evaluate(model, batches, loss_fn, world, autocast, stop)
         bpt = getattr(loader, "bytes_per_token", None)
         r["bpb"] = bits_per_byte(r["loss_sum"], r["tokens"] * bpt) if bpt else None
