@@ -240,8 +240,10 @@ def _pretrain(cfg: PretrainConfig, world: parallel.World, loader_factory: Loader
             stage_step = state["stage_step"] if resuming_here else 0
             inner.config = stage_model_config(cfg, base, stage_idx)
             inner.set_rope(inner.config)  # ABF: the new base from this stage's first step on
-            if stage.reset_optimizer and stage_step == 0 and stage_idx > 0:
-                optimizer.state.clear()
+            if stage_step == 0:
+                guard.new_stage()
+                if stage.reset_optimizer and stage_idx > 0:
+                    optimizer.state.clear()
             T, mb = stage_seq_len(cfg, stage), stage_micro_batch(cfg, stage)
             accum, n_steps = accumulation(cfg, stage, world.world_size), stage_steps(cfg, stage)
             loader = loader_factory(cfg.data, split="train", seq_len=T, batch_size=mb, world=world,
