@@ -45,7 +45,7 @@ def _fmt_s(seconds: float) -> str:
 
 
 def write_report(out: Path, prof, cfg: PretrainConfig, summary: dict[str, Any], timings: dict[str, float],
-                 machine: dict[str, Any]) -> Path:
+                 machine: dict[str, Any], plan: dict[str, Any] | None = None) -> Path:
     """Write OUT/report.md (and refresh the plots); return its path."""
     records = read_metrics(out / "metrics.jsonl")
     plot_metrics(out / "metrics.jsonl", out / "plots")
@@ -66,6 +66,14 @@ def write_report(out: Path, prof, cfg: PretrainConfig, summary: dict[str, Any], 
     lines += ["", "## Time", "", "| phase | time (m:s) |", "|---|---|"]
     lines += [f"| {k} | {_fmt_s(v)} |" for k, v in timings.items()]
     lines += [f"| **total** | **{_fmt_s(total)}** |", ""]
+    if prof.budget_s:
+        lines += [f"Budget: {_fmt_s(prof.budget_s)} for the whole run, set-up included.", ""]
+    if plan:
+        rates = ", ".join(f"{k}: {v:,.0f} tokens/s" for k, v in plan["rates_tokens_per_s"].items())
+        lines += [f"Plan (measured on this machine before training; precision/micro-batch): {rates}. "
+                  f"Chosen: {plan['precision']} with micro-batches of {plan['micro_batch']}, "
+                  f"{' + '.join(map(str, plan['steps']))} steps = {plan['tokens']:,} tokens for "
+                  f"{_fmt_s(plan['seconds_for_training'])} of training.", ""]
     lines += ["## Model", "",
               f"Qwen2.5 architecture (GQA, SwiGLU, RMSNorm, RoPE, q/k/v biases, tied embeddings): "
               f"{mc.get('num_hidden_layers')} layers, hidden {mc.get('hidden_size')}, "
