@@ -298,10 +298,13 @@ def _pretrain(cfg: PretrainConfig, world: parallel.World, loader_factory: Loader
             if world.is_main:
                 print(f"{summary['interrupted']}: saved {last_path}; run the same command to resume",
                       file=sys.stderr)
-        elif world.is_main and last_path is not None:
-            final = ckpt_io.export_model(last_path, out / "final")
-            summary["final"] = str(final)
-            if tokenizer is not None:
+        elif last_path is not None:
+            if "eval" not in summary:  # a finished run re-run: report its final numbers again
+                summary["eval"] = _evaluate_all(cfg, model, loss_fn, world, loader_factory, T, mb,
+                                                autocast, stop, None, step, tokens, bar)
+            if world.is_main:
+                summary["final"] = str(ckpt_io.export_model(last_path, out / "final"))
+            if tokenizer is not None:  # every rank: under FSDP the forward is collective
                 summary["samples"] = _log_samples(cfg, inner, tokenizer, log, step, None)
     if world.is_main:
         plot_metrics(out / "metrics.jsonl", out / "plots")
@@ -330,8 +333,9 @@ def _evaluate_all(cfg, model, loss_fn, world, loader_factory, T, mb, autocast, s
         bpt = getattr(loader, "bytes_per_token", None)
         r["bpb"] = bits_per_byte(r["loss_sum"], r["tokens"] * bpt) if bpt else None
         results[name] = r
-        log.log({"kind": "eval", "step": step, "tokens": tokens, "split": name, "loss": r["loss"],
-                 "bpb": r["bpb"]})
+        if log is not None:
+            log.log({"kind": "eval", "step": step, "tokens": tokens, "split": name, "loss": r["loss"],
+                     "bpb": r["bpb"]})
         if world.is_main:
             bpb = f", {r['bpb']:.3f} bits/byte" if r["bpb"] else ""
             bar.write(f"step {step}: held-out {name}: loss {r['loss']:.4f}{bpb}")

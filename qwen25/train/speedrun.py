@@ -71,7 +71,7 @@ CPU = Profile(
                          "tie_word_embeddings": True, "rope_theta": 10_000.0},
         seq_len=256, batch_tokens=8192, micro_batch=8, lr=3e-3, warmup_steps=20,
         schedule="wsd", decay_frac=0.3, min_lr_ratio=0.0, weight_decay=0.1, grad_clip=1.0,
-        precision="fp32", eval_every=100, eval_tokens=65536, checkpoint_every=50, keep_checkpoints=2,
+        precision="fp32", eval_every=150, eval_tokens=0, checkpoint_every=50, keep_checkpoints=2,
         eval_sets=("shakespeare", "all"), sample_tokens=48, log_every=25,
         stages=(Stage("short", steps=600, seq_len=256, mix=MIX),
                 Stage("long", steps=100, seq_len=1024, micro_batch=2, rope_theta=1_000_000.0, mix=MIX,
