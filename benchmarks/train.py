@@ -34,8 +34,8 @@ from qwen25.train.optim import build_optimizer  # noqa: E402
 from qwen25.train.parallel import World, apply_compile  # noqa: E402
 
 # The speedrun's CPU model (see qwen25/train/speedrun.py): small enough for 2 cores.
-SPEEDRUN = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-                num_key_value_heads=2, vocab_size=4096, tie_word_embeddings=True, rope_theta=10_000.0)
+SPEEDRUN = dict(hidden_size=192, intermediate_size=576, num_hidden_layers=4, num_attention_heads=3,
+                num_key_value_heads=1, vocab_size=8192, tie_word_embeddings=True, rope_theta=10_000.0)
 
 
 def model_config(preset: str) -> ModelConfig:
@@ -111,7 +111,7 @@ def main() -> None:
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch", type=int, default=32, help="sequences per optimizer step")
-    p.add_argument("--micro-batch", type=int, default=16, help="sequences per forward pass")
+    p.add_argument("--micro-batch", type=int, default=8, help="sequences per forward pass")
     p.add_argument("--rounds", type=int, default=5, help="alternating timed rounds (one step each side)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocator)")
     p.add_argument("--compile", action="store_true", help="torch.compile our decoder blocks")

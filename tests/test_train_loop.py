@@ -192,3 +192,18 @@ def test_throughput_mfu_uses_the_flop_estimate():
     assert meter.tokens_per_s == 200
     assert meter.mfu == pytest.approx(200 * fpt / 1e12)
     assert math.isclose(meter.eta_s(10), 10.0)
+
+
+def test_activation_checkpointing_changes_memory_not_math():
+    from qwen25.train.parallel import parallelize
+
+    plain, ac = _model(), _model()
+    ac = parallelize(ac, WORLD, activation_checkpointing=True)
+    assert [n for n, _ in plain.named_parameters()] == [n for n, _ in ac.named_parameters()]  # names kept
+    opts = [build_optimizer(m, lr=1e-3) for m in (plain, ac)]
+    micro = _batches(2, seed=11)
+    a = train_step(plain, opts[0], micro, _loss_fn, lr=1e-3, world=WORLD)
+    b = train_step(ac, opts[1], micro, _loss_fn, lr=1e-3, world=WORLD)
+    assert a.loss == b.loss and a.grad_norm == pytest.approx(b.grad_norm, rel=1e-6)
+    for p, q in zip(plain.parameters(), ac.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
