@@ -2,6 +2,7 @@
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,31 +36,49 @@ def test_apply_plan_keeps_tokens_per_micro_batch_and_sets_steps(tmp_path):
     assert [s.micro_batch * (s.seq_len or cfg.seq_len) for s in planned.stages] == [16 * 256] * 2
 
 
-def test_plan_measures_once_then_reuses_the_saved_plan(tmp_path, monkeypatch):
-    calls = []
-
-    def fake_rate(cfg, precision, micro_batch, tokenizer, steps=2):
-        calls.append((precision, micro_batch))
-        return {"fp32": 5000.0, "bf16": 6000.0}[precision] + micro_batch
-
-    monkeypatch.setattr(sr, "measure_rate", fake_rate)
-    cfg = sr.run_config(sr.CPU, tmp_path)
-    path = tmp_path / "plan.json"
-    p = sr.plan(sr.CPU, cfg, None, seconds_left=600.0, path=path)
-    assert calls == list(sr.CPU.candidates)
-    assert (p["precision"], p["micro_batch"]) == ("bf16", 8)
-    train_s = (600.0 - sr.AFTER_TRAINING_S) * sr.OVERHEAD
+def test_plan_steps_fit_the_time_and_respect_the_floors():
+    cfg = sr.run_config(sr.CPU, Path("x"))
     cost = 0.85 + 0.15 * sr.LONG_STAGE_COST
-    expected_total = int(train_s * 6008.0 / cost // cfg.batch_tokens)
-    assert sum(p["steps"]) in (expected_total, expected_total + 1)  # rounding of the shares
-    assert p["steps"][0] > 5 * p["steps"][1]
-    again = sr.plan(sr.CPU, cfg, None, seconds_left=10.0, path=path)  # a resumed run: same plan
-    assert again == p and len(calls) == len(sr.CPU.candidates)
-    # little time left still plans a run that can learn something, capped by max_tokens
-    tiny = sr.plan(sr.CPU, cfg, None, seconds_left=1.0, path=tmp_path / "p2.json")
-    assert sum(tiny["steps"]) >= 60
-    big = sr.plan(sr.CPU, cfg, None, seconds_left=1e6, path=tmp_path / "p3.json")
-    assert big["tokens"] <= sr.CPU.max_tokens
+    steps = sr.plan_steps(sr.CPU, cfg, rate=6000.0, seconds=600.0)
+    expected = int((600.0 - sr.AFTER_TRAINING_S) * sr.OVERHEAD * 6000.0 / cost / cfg.batch_tokens)
+    assert abs(sum(steps) - expected) <= 1 and steps[0] > 5 * steps[1]
+    assert sum(sr.plan_steps(sr.CPU, cfg, rate=6000.0, seconds=1.0)) >= sr.MIN_STEPS
+    assert sum(sr.plan_steps(sr.CPU, cfg, 1e6, 1e6)) * cfg.batch_tokens <= sr.CPU.max_tokens + cfg.batch_tokens
+    # after 40 steps the plan may shrink, but never below a run whose decay starts after them
+    late = sr.plan_steps(sr.CPU, cfg, rate=100.0, seconds=10.0, done=40)
+    assert sum(late) * (1 - cfg.decay_frac) > 40 and late[0] > 40
+
+
+def test_measure_rates_times_every_candidate(tmp_path):
+    cfg = replace(sr.run_config(sr.CPU, tmp_path), batch_tokens=1024, seq_len=64,
+                  model_overrides={**sr.CPU.pretrain.model_overrides, "vocab_size": 128, "hidden_size": 64,
+                                   "intermediate_size": 96, "num_attention_heads": 2})
+    rates = sr.measure_rates(cfg, (("fp32", 4), ("bf16", 8)), tokenizer=None, rounds=1)
+    assert set(rates) == {"fp32/4", "bf16/8"} and all(r > 0 for r in rates.values())
+
+
+def test_a_paused_run_continued_under_a_longer_plan_equals_that_plan_run_straight(tmp_path):
+    """The speedrun's re-planning: steps before the pause sit in warmup + constant LR."""
+    toks = np.cumsum(np.random.default_rng(1).integers(1, 4, 12000)) % 60
+    manifest = str(write_fake_manifest(tmp_path / "data", toks[:10000], toks[10000:]))
+
+    def cfg(out, short, long, stop=0):
+        base = sr.run_config(sr.CPU, tmp_path / out)
+        return replace(base, data=manifest, tokenizer=None, eval_sets=("all",), batch_tokens=1024,
+                       micro_batch=2, eval_every=0, checkpoint_every=0, peak_flops=1e12, warmup_steps=3,
+                       model_overrides={**base.model_overrides, "vocab_size": 64, "hidden_size": 64,
+                                        "intermediate_size": 96, "num_attention_heads": 2},
+                       stop_after_step=stop,
+                       stages=(replace(base.stages[0], steps=short, mix=None),
+                               replace(base.stages[1], steps=long, mix=None, micro_batch=1)))
+
+    paused = pretrain(cfg("run", 20, 4, stop=6), loader_factory=fake_factory)
+    assert paused["paused"] == 6 and not (tmp_path / "run" / "final").exists()
+    pretrain(cfg("run", 26, 5), loader_factory=fake_factory)  # the final plan: longer
+    pretrain(cfg("straight", 26, 5), loader_factory=fake_factory)
+    losses = [[r["loss"] for r in map(json.loads, (tmp_path / d / "metrics.jsonl").read_text().splitlines())
+               if r["kind"] == "train"] for d in ("run", "straight")]
+    assert len(losses[0]) == 31 and losses[0] == losses[1]
 
 
 def test_timings_accumulate_across_invocations(tmp_path):
@@ -82,14 +101,16 @@ def test_report_states_the_held_out_result_timings_stages_and_chat_command(tmp_p
                   peak_flops=1e12, stages=tuple(replace(s, steps=3, mix=None) for s in cfg.stages))
     summary = pretrain(cfg, loader_factory=fake_factory)
     summary["eval"]["shakespeare"] = dict(summary["eval"]["all"])  # the real run reports this set
-    plan = {"precision": "fp32", "micro_batch": 2, "rates_tokens_per_s": {"fp32/2": 1234.0},
-            "seconds_for_training": 600.0, "steps": [3, 3], "tokens": 3072}
+    plan = {"precision": "fp32", "micro_batch": 2, "rates_tokens_per_s": {"fp32/2": 1234.0, "bf16/2": 99.0},
+            "final": True, "measured_tokens_per_s": 1500.0, "seconds_left": 600.0, "steps": [3, 3],
+            "tokens": 12288}
     path = write_report(tmp_path / "run", sr.CPU, cfg, summary, {"setup": 61.0, "pretrain": 12.5}, {"torch": "x"}, plan)
     text = path.read_text()
     bpb = summary["eval"]["all"]["bpb"]
     assert f"**Held-out Shakespeare: {bpb:.3f} bits per byte**" in text
     assert "| setup | 1:01 |" in text and "| **total** | **1:14** |" in text
     assert "| short | 3 | 256 | 10000 |" in text and "| long | 3 | 1024 | 1e+06 |" in text
-    assert "fp32/2: 1,234 tokens/s" in text
+    assert "fp32/2: 1,234, bf16/2: 99)" in text and "ran at 1,500 tokens/s with 10:00 left" in text
+    assert "3 + 3 steps (12,288 tokens)" in text
     assert f"qwen25 chat {tmp_path / 'run' / 'final'}" in text
     assert (tmp_path / "run" / "plots" / "loss.png").exists() and (tmp_path / "run" / "plots" / "bpb.png").exists()

@@ -84,6 +84,7 @@ class PretrainConfig:
     ce_chunk: int = 0  # positions per float32 cross-entropy chunk (0: all at once)
     peak_flops: float = 0.0  # FLOP/s that MFU is relative to (0: measure a matmul at start)
     log_every: int = 10  # steps between plain-text progress lines when not on a terminal
+    stop_after_step: int = 0  # pause: checkpoint and return after this global step (0: run to the end)
 
 
 def stage_seq_len(cfg: PretrainConfig, stage: Stage) -> int:
@@ -122,6 +123,7 @@ def validate(cfg: PretrainConfig, world_size: int = 1) -> None:
     need(cfg.batch_tokens > 0 and cfg.micro_batch > 0 and cfg.seq_len > 0,
          "batch_tokens, micro_batch and seq_len must be positive")
     need(cfg.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
+    need(cfg.stop_after_step >= 0, "stop_after_step must be >= 0 (0: run to the end)")
     need(cfg.checkpoint_every >= 0 and cfg.eval_every >= 0 and cfg.sample_every >= 0,
          "checkpoint_every, eval_every and sample_every must be >= 0 (0: only at stage ends)")
     need(len(cfg.stages) > 0, "stages is empty: give at least one stage with steps or tokens")

@@ -260,6 +260,9 @@ def _pretrain(cfg: PretrainConfig, world: parallel.World, loader_factory: Loader
                 if stop.agreed(world):
                     summary["interrupted"] = stop.requested or "signal on another rank"
                     break
+                if cfg.stop_after_step and step >= cfg.stop_after_step:
+                    summary["paused"] = step
+                    break
                 micro = [to_device(next(batches), world.device) for _ in range(accum)]
                 micro = split_length_mix(micro, stage.short_fraction, stage.short_seq_len or T // 4)
                 lr = cfg.lr * lr_multiplier(cfg.schedule, step, total_steps, cfg.warmup_steps,
@@ -290,12 +293,12 @@ def _pretrain(cfg: PretrainConfig, world: parallel.World, loader_factory: Loader
                 if end or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
                     last_path = save()
                 meter.reset_clock()
-            if summary["interrupted"]:
+            if summary["interrupted"] or "paused" in summary:
                 break
         bar.close()
-        if summary["interrupted"]:
-            last_path = save()
-            if world.is_main:
+        if summary["interrupted"] or "paused" in summary:
+            last_path = save()  # a no-op when this step was just saved
+            if world.is_main and summary["interrupted"]:
                 print(f"{summary['interrupted']}: saved {last_path}; run the same command to resume",
                       file=sys.stderr)
         elif last_path is not None:

@@ -69,11 +69,12 @@ def write_report(out: Path, prof, cfg: PretrainConfig, summary: dict[str, Any], 
     if prof.budget_s:
         lines += [f"Budget: {_fmt_s(prof.budget_s)} for the whole run, set-up included.", ""]
     if plan:
-        rates = ", ".join(f"{k}: {v:,.0f} tokens/s" for k, v in plan["rates_tokens_per_s"].items())
-        lines += [f"Plan (measured on this machine before training; precision/micro-batch): {rates}. "
-                  f"Chosen: {plan['precision']} with micro-batches of {plan['micro_batch']}, "
-                  f"{' + '.join(map(str, plan['steps']))} steps = {plan['tokens']:,} tokens for "
-                  f"{_fmt_s(plan['seconds_for_training'])} of training.", ""]
+        rates = ", ".join(f"{k}: {v:,.0f}" for k, v in plan["rates_tokens_per_s"].items())
+        lines += [f"Plan: timed on this machine before training (tokens/s by precision/micro-batch: "
+                  f"{rates}), {plan['precision']} with micro-batches of {plan['micro_batch']} was chosen; "
+                  f"after the first steps ran at {plan.get('measured_tokens_per_s', 0):,.0f} tokens/s with "
+                  f"{_fmt_s(plan.get('seconds_left', 0))} left, the run was set to "
+                  f"{' + '.join(map(str, plan['steps']))} steps ({plan.get('tokens', 0):,} tokens).", ""]
     lines += ["## Model", "",
               f"Qwen2.5 architecture (GQA, SwiGLU, RMSNorm, RoPE, q/k/v biases, tied embeddings): "
               f"{mc.get('num_hidden_layers')} layers, hidden {mc.get('hidden_size')}, "

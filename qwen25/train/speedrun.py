@@ -18,8 +18,10 @@ Shakespeare at <= 2.3 bits per byte); "gpu" scales the same recipe to one GPU.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
+import statistics
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -173,11 +175,17 @@ def run_config(prof: Profile, out: Path) -> PretrainConfig:
 
 LONG_STAGE_COST = 1.15  # tokens of the long stage cost ~15% more (attention over 1024 positions)
 AFTER_TRAINING_S = 45.0  # final evaluation, export, samples and report
-OVERHEAD = 0.88  # share of the training time spent in steps (the rest: evaluations, checkpoints)
+OVERHEAD = 0.9  # share of the training time spent in steps (the rest: evaluations, checkpoints)
+MIN_STEPS = 60  # a floor: a run too short to learn anything is pointless
+PROBE_STEPS = 40  # steps trained before the final plan (inside warmup + constant LR: any plan fits)
 
 
-def measure_rate(cfg: PretrainConfig, precision: str, micro_batch: int, tokenizer, steps: int = 2) -> float:
-    """Training tokens/s of the run's model with these settings, on random tokens (after a warm-up)."""
+def measure_rates(cfg: PretrainConfig, candidates, tokenizer, rounds: int = 2) -> dict[str, float]:
+    """Training tokens/s of the run's model per (precision, micro_batch), on random tokens.
+
+    Candidates alternate step by step and each keeps its fastest step, so a burst of load
+    from other processes does not decide the choice.
+    """
     import torch
 
     from qwen25.model.model import build_model
@@ -187,50 +195,39 @@ def measure_rate(cfg: PretrainConfig, precision: str, micro_batch: int, tokenize
     from qwen25.train.pretrain import base_model_config
 
     mc = base_model_config(cfg, tokenizer)
-    model = build_model(mc, seed=0)
-    opt = build_optimizer(model, cfg.lr)
-    T = cfg.seq_len
-    g = torch.Generator().manual_seed(0)
-    micro = []
-    for _ in range(cfg.batch_tokens // (T * micro_batch)):
-        ids = torch.randint(0, mc.vocab_size, (micro_batch, T + 1), generator=g)
-        micro.append({"input_ids": ids[:, :-1], "labels": ids[:, 1:].contiguous(),
-                      "position_ids": torch.arange(T).expand(micro_batch, T)})
-    dtype = torch.bfloat16 if precision == "bf16" else None
-    loss = lambda m, b: lm_loss(m, b, mc)  # noqa: E731
+    T, g = cfg.seq_len, torch.Generator().manual_seed(0)
+    steps = {}
+    for precision, mb in candidates:
+        model = build_model(mc, seed=0)
+        opt = build_optimizer(model, cfg.lr)
+        micro = []
+        for _ in range(cfg.batch_tokens // (T * mb)):
+            ids = torch.randint(0, mc.vocab_size, (mb, T + 1), generator=g)
+            micro.append({"input_ids": ids[:, :-1], "labels": ids[:, 1:].contiguous(),
+                          "position_ids": torch.arange(T).expand(mb, T)})
+        dtype = torch.bfloat16 if precision == "bf16" else None
+        steps[f"{precision}/{mb}"] = (lambda model=model, opt=opt, micro=micro, dtype=dtype: train_step(
+            model, opt, micro, lambda m, b: lm_loss(m, b, mc), lr=cfg.lr, world=World(), autocast_dtype=dtype))
+    best = {k: float("inf") for k in steps}
+    for r in range(rounds + 1):
+        for k, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            if r:  # round 0 warms up
+                best[k] = min(best[k], time.perf_counter() - t0)
+    return {k: cfg.batch_tokens / t for k, t in best.items()}
 
-    def step():
-        train_step(model, opt, micro, loss, lr=cfg.lr, world=World(), autocast_dtype=dtype)
 
-    step()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return steps * cfg.batch_tokens / (time.perf_counter() - t0)
-
-
-def plan(prof: Profile, cfg: PretrainConfig, tokenizer, seconds_left: float, path: Path) -> dict[str, Any]:
-    """Precision, micro-batch and step counts that fit `seconds_left`, decided once.
-
-    The plan is stored in `path` on first use, so a resumed run trains exactly the run it
-    planned (same steps, same schedule) whatever the machine's speed is later.
-    """
-    if path.exists():
-        return json.loads(path.read_text())
-    rates = {f"{p}/{mb}": measure_rate(cfg, p, mb, tokenizer) for p, mb in prof.candidates}
-    best = max(rates, key=rates.get)
-    precision, micro_batch = best.split("/")[0], int(best.split("/")[1])
-    train_s = max(0.0, seconds_left - AFTER_TRAINING_S) * OVERHEAD
+def plan_steps(prof: Profile, cfg: PretrainConfig, rate: float, seconds: float, done: int = 0) -> list[int]:
+    """Steps per stage so that the steps after `done` take `seconds` at `rate` tokens/s."""
     cost = sum(share * (LONG_STAGE_COST if i else 1.0) for i, share in enumerate(prof.stage_shares))
-    tokens = min(prof.max_tokens, train_s * rates[best] / cost)
-    total = max(60, int(tokens // cfg.batch_tokens))  # a floor: a run too short to learn is pointless
+    more = max(0.0, seconds - AFTER_TRAINING_S) * OVERHEAD * rate / cost / cfg.batch_tokens
+    total = min(int(done + more), prof.max_tokens // cfg.batch_tokens)
+    # Never end before the steps already trained can sit in the constant-LR phase of WSD.
+    total = max(total, MIN_STEPS, math.ceil((done + 1) / (1 - cfg.decay_frac)) + 1)
     steps = [max(4, round(total * share)) for share in prof.stage_shares]
-    result = {"precision": precision, "micro_batch": micro_batch, "rates_tokens_per_s": rates,
-              "seconds_for_training": train_s, "steps": steps, "tokens": sum(steps) * cfg.batch_tokens}
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, path)
-    return result
+    steps[0] = max(steps[0], done + 1)
+    return steps
 
 
 def apply_plan(cfg: PretrainConfig, p: dict[str, Any]) -> PretrainConfig:
@@ -239,6 +236,21 @@ def apply_plan(cfg: PretrainConfig, p: dict[str, Any]) -> PretrainConfig:
         T = stage.seq_len or cfg.seq_len
         stages.append(replace(stage, steps=steps, micro_batch=max(1, p["micro_batch"] * cfg.seq_len // T)))
     return replace(cfg, precision=p["precision"], micro_batch=p["micro_batch"], stages=tuple(stages))
+
+
+def _save_plan(path: Path, p: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(p, indent=1))
+    os.replace(tmp, path)
+
+
+def measured_rate(metrics_path: Path, first: int = 10) -> float | None:
+    """Median training tokens/s the run logged from step `first` on (evaluations excluded)."""
+    from qwen25.train.metrics import read_metrics
+
+    rates = [r["tokens_per_s"] for r in read_metrics(metrics_path)
+             if r.get("kind") == "train" and r["step"] >= first and r.get("tokens_per_s")]
+    return statistics.median(rates) if rates else None
 
 
 # --------------------------------------------------------------------------------------
@@ -252,6 +264,13 @@ def speedrun(out: str | Path = "runs/speedrun", profile_name: str = "cpu",
 
     started_at: UNIX time the set-up began (the Makefile passes it), to report set-up time.
     steps_scale: multiply every stage's steps (a quick smoke run uses e.g. 0.05).
+
+    With a time budget the step count is planned twice: from a quick timing of the
+    candidate settings on random tokens (which also picks precision and micro-batch), and
+    again after `PROBE_STEPS` real steps from the rate they achieved, for the time then
+    left. Both plans leave the first steps' learning rate alone (warmup, then constant), so
+    the run is the same run whichever plan it ends with; `plan.json` keeps the final one
+    and a re-run after an interruption trains exactly that.
     """
     from qwen25.data import builtin
     from qwen25.data.pipeline import prepare
@@ -267,6 +286,8 @@ def speedrun(out: str | Path = "runs/speedrun", profile_name: str = "cpu",
     if started_at is not None and "setup" not in timings.seconds:
         timings.add("setup", max(0.0, time.time() - started_at))
     cfg = run_config(prof, out)
+    if steps_scale != 1.0:
+        cfg = replace(cfg, stages=tuple(replace(s, steps=max(2, round(s.steps * steps_scale))) for s in cfg.stages))
 
     with timings.phase("fetch"):
         cache = Path(builtin.fetch())
@@ -279,16 +300,35 @@ def speedrun(out: str | Path = "runs/speedrun", profile_name: str = "cpu",
     if not (out / "data" / "manifest.json").exists():
         with timings.phase("data"):
             prepare(builtin.builtin_config(out=str(out / "data"), tokenizer=str(tok_dir), root=cache))
+
     run_plan = None
-    if prof.budget_s is not None:
-        with timings.phase("plan"):
+    if prof.budget_s is not None and steps_scale == 1.0:
+        path = out / "plan.json"
+        run_plan = json.loads(path.read_text()) if path.exists() else None
+        if run_plan is None:
+            with timings.phase("plan"):
+                rates = measure_rates(cfg, prof.candidates, load_tokenizer(str(tok_dir)))
+                best = max(rates, key=rates.get)
+                left = prof.budget_s - sum(timings.seconds.values())
+                run_plan = {"precision": best.split("/")[0], "micro_batch": int(best.split("/")[1]),
+                            "rates_tokens_per_s": rates, "final": False,
+                            "steps": plan_steps(prof, cfg, rates[best], left)}
+            _save_plan(path, run_plan)
+        if not run_plan["final"]:
+            with timings.phase("pretrain"):
+                probe = pretrain(replace(apply_plan(cfg, run_plan), stop_after_step=PROBE_STEPS))
+            if probe.get("interrupted"):
+                raise KeyboardInterrupt
+            rate = measured_rate(out / "metrics.jsonl") or max(run_plan["rates_tokens_per_s"].values())
             left = prof.budget_s - sum(timings.seconds.values())
-            run_plan = plan(prof, cfg, load_tokenizer(str(tok_dir)), left, out / "plan.json")
-            cfg = apply_plan(cfg, run_plan)
+            done = probe.get("paused", probe["step"])
+            run_plan |= {"final": True, "measured_tokens_per_s": rate, "seconds_left": left,
+                         "steps": plan_steps(prof, cfg, rate, left, done)}
+            run_plan["tokens"] = sum(run_plan["steps"]) * cfg.batch_tokens
+            _save_plan(path, run_plan)
         print(f"plan: {run_plan['steps']} steps ({run_plan['tokens']:,} tokens) in "
               f"{run_plan['precision']} with micro-batches of {run_plan['micro_batch']}", flush=True)
-    if steps_scale != 1.0:
-        cfg = replace(cfg, stages=tuple(replace(s, steps=max(2, round(s.steps * steps_scale))) for s in cfg.stages))
+        cfg = apply_plan(cfg, run_plan)
     with timings.phase("pretrain"):
         summary = pretrain(cfg)
     if summary.get("interrupted"):
