@@ -10,7 +10,8 @@ Re-running the same command continues from the newest complete checkpoint: weigh
 AdamW moments, the data loaders' positions, RNG states, the spike guard and the step
 counters are all restored, so on a CPU in float32 the resumed losses equal the
 uninterrupted run's bit for bit. SIGTERM/SIGINT save a checkpoint at the next step
-boundary and return (`summary["interrupted"]`).
+boundary and return (`summary["interrupted"]`); `stop_after_step` pauses the same way
+(`summary["paused"]`), e.g. to re-plan the remaining steps (the speedrun does).
 
 The long-context stage follows the report (spec §3.3): it continues from the previous
 stage's weights (and optimizer, unless `reset_optimizer`), with a longer `seq_len` and the
