@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-fast demo speedrun clean
+.PHONY: venv data test test-fast demo speedrun clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,12 +18,17 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 
 venv: $(BIN)/.installed
 
+# Built-in corpora (stdlib sources, Shakespeare/Milton, HumanEval, synthetic math) into
+# data_cache/ (or $$QWEN25_DATA), sha256-checked; a no-op when already present.
+data: venv
+	$(BIN)/qwen25 data fetch
+
 # The whole test suite (what CI runs). Two workers: one per core.
-test: venv
+test: venv data
 	$(BIN)/python -m pytest -n 2 --timeout=900 $(PYTEST_ARGS)
 
 # Everything except the end-to-end tests marked slow.
-test-fast: venv
+test-fast: venv data
 	$(BIN)/python -m pytest -n 2 -m "not slow" $(PYTEST_ARGS)
 
 # The main job: fetch the built-in corpora, train a tokenizer, prepare shards, pretrain a

@@ -19,6 +19,8 @@ from qwen25.errors import UserError
 VERBS: dict[str, tuple[str, str]] = {
     "inspect": ("inspect", "print a checkpoint's config, parameter counts and memory"),
     "demo": ("demo", "build a small random model, save, load and generate from it"),
+    "tokenizer": ("tokenizer", "encode, decode, train or export a byte-level BPE tokenizer"),
+    "data": ("data", "pretraining data: fetch built-in corpora, prepare shards, stats"),
     "pretrain": ("pretrain", "pretrain a model on token shards (stages, resume, torchrun)"),
     "speedrun": ("speedrun", "the whole recipe on built-in data: tokenizer, shards, pretraining, report"),
 }
