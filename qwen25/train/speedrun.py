@@ -44,6 +44,7 @@ class Profile:
     max_tokens: int = 0  # with a budget: never plan more training tokens than this
     stage_shares: tuple[float, ...] = ()  # with a budget: share of the steps each stage gets
     candidates: tuple[tuple[str, int], ...] = ()  # with a budget: (precision, micro_batch) timed to pick the fastest
+    sources: tuple[str, ...] = ()  # built-in sources to prepare (empty: all of them)
     notes: str = ""  # why these numbers, for the report
     sample_prompts: tuple[str, ...] = ("ROMEO:", "def fibonacci(n):", "Question:")
 
@@ -98,7 +99,26 @@ GPU = Profile(
                       short_fraction=0.6, short_seq_len=512))),
 )
 
-PROFILES = {"cpu": CPU, "gpu": GPU}
+# A minute on a laptop: the whole pipeline on the Shakespeare source alone, a tiny model.
+# For checking an installation (and for the project's end-to-end test), not for results.
+SMOKE = Profile(
+    name="smoke", vocab_size=1024, tokenizer_chars=2_000_000, sources=("shakespeare",),
+    notes="2 layers x 96, 1,024-token vocabulary, Shakespeare only: checks the pipeline end to end.",
+    sample_prompts=("ROMEO:",),
+    pretrain=PretrainConfig(
+        model="small",
+        model_overrides={"hidden_size": 96, "intermediate_size": 288, "num_hidden_layers": 2,
+                         "num_attention_heads": 2, "num_key_value_heads": 1,
+                         "tie_word_embeddings": True, "rope_theta": 10_000.0},
+        seq_len=128, batch_tokens=4096, micro_batch=16, lr=5e-3, warmup_steps=5, schedule="wsd",
+        decay_frac=0.3, eval_every=0, eval_tokens=0, checkpoint_every=20, keep_checkpoints=2,
+        eval_sets=("shakespeare", "all"), sample_tokens=24, log_every=10,
+        stages=(Stage("short", steps=80, seq_len=128),
+                Stage("long", steps=10, seq_len=512, micro_batch=4, rope_theta=1_000_000.0,
+                      short_fraction=0.6, short_seq_len=128))),
+)
+
+PROFILES = {"cpu": CPU, "gpu": GPU, "smoke": SMOKE}
 
 
 def profile(name: str) -> Profile:
@@ -299,7 +319,10 @@ def speedrun(out: str | Path = "runs/speedrun", profile_name: str = "cpu",
             train_tokenizer(files, prof.vocab_size, tok_dir, show_progress=False)
     if not (out / "data" / "manifest.json").exists():
         with timings.phase("data"):
-            prepare(builtin.builtin_config(out=str(out / "data"), tokenizer=str(tok_dir), root=cache))
+            sources = tuple(src for src in builtin.builtin_sources(cache)
+                            if not prof.sources or src.name in prof.sources)
+            prepare(builtin.builtin_config(out=str(out / "data"), tokenizer=str(tok_dir), root=cache,
+                                           sources=sources))
 
     run_plan = None
     if prof.budget_s is not None and steps_scale == 1.0:
