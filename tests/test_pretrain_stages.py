@@ -76,3 +76,16 @@ def test_reset_optimizer_starts_the_stage_with_fresh_moments(tmp_path, manifest)
 
     assert adam_steps("keep") == {9.0}
     assert adam_steps("reset") == {4.0}
+
+
+def test_moe_model_trains_with_the_load_balancing_loss(tmp_path, manifest):
+    cfg = PretrainConfig(
+        out=str(tmp_path / "moe"), model="tiny-moe", model_overrides={"vocab_size": 80}, data=manifest,
+        seq_len=16, batch_tokens=128, micro_batch=4, lr=3e-3, warmup_steps=1, eval_every=0,
+        eval_tokens=256, checkpoint_every=0, peak_flops=1e12, stages=(Stage("main", steps=4),))
+    summary = pretrain(cfg, loader_factory=fake_factory)
+    train = [r for r in map(json.loads, (tmp_path / "moe" / "metrics.jsonl").read_text().splitlines())
+             if r["kind"] == "train"]
+    assert len(train) == 4 and all(r["aux_loss"] is not None and r["aux_loss"] >= 1.0 - 1e-6 for r in train)
+    assert json.loads((tmp_path / "moe" / "final" / "config.json").read_text())["model_type"] == "qwen2_moe"
+    assert summary["eval"]["all"]["loss"] < np.log(80)

@@ -334,6 +334,8 @@ def _evaluate_all(cfg, model, loss_fn, world, loader_factory, T, mb, autocast, s
         limit = max(1, cfg.eval_tokens // (T * mb * world.world_size)) if cfg.eval_tokens else None
         batches = (to_device(b, world.device) for b in itertools.islice(loader, limit))
         r = evaluate(model, batches, loss_fn, world, autocast, stop)
+        if stop.requested:  # cut short by a signal: a partial evaluation is not a result
+            break
         bpt = getattr(loader, "bytes_per_token", None)
         r["bpb"] = bits_per_byte(r["loss_sum"], r["tokens"] * bpt) if bpt else None
         results[name] = r
