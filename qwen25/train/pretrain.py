@@ -39,7 +39,7 @@ from qwen25.errors import UserError
 from qwen25.model.model import Transformer, build_model
 from qwen25.train import checkpointing as ckpt_io
 from qwen25.train import parallel
-from qwen25.train.config import (PretrainConfig, Stage, accumulation, stage_micro_batch, stage_seq_len,
+from qwen25.train.config import (PretrainConfig, accumulation, stage_micro_batch, stage_seq_len,
                                  stage_steps, validate)
 from qwen25.train.data import LoaderFactory, open_loader, split_length_mix, to_device
 from qwen25.train.loop import (SpikeGuard, StopFlag, Throughput, evaluate, flops_per_token, lm_loss,
