@@ -16,6 +16,7 @@ from qwen25.model.kv_cache import KVCache
 
 
 @torch.no_grad()
+@torch.compiler.set_stance("force_eager")  # compiled blocks would recompile for every cache length
 def generate_samples(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                      temperature: float = 0.8, seed: int = 0,
                      stop_ids: Sequence[int] = ()) -> list[list[int]]:
