@@ -58,7 +58,10 @@ def write_report(out: Path, prof, cfg: PretrainConfig, summary: dict[str, Any], 
         verdict = "meets" if shakespeare <= GOAL_BPB else "misses"
         lines += [f"**Held-out Shakespeare: {shakespeare:.3f} bits per byte** ({verdict} the goal of "
                   f"<= {GOAL_BPB}; nanoGPT's CPU Shakespeare example ends near 2.7 bits per character).", ""]
-    lines += ["| held-out set | loss (nats/token) | bits per byte |", "|---|---|---|"]
+    last = cfg.stages[-1]
+    lines += [f"Held-out documents are scored in windows of {stage_seq_len(cfg, last)} tokens (the last "
+              "stage's sequence length); bits per byte = nats per token / ln 2 / UTF-8 bytes per token.", "",
+              "| held-out set | loss (nats/token) | bits per byte |", "|---|---|---|"]
     for name, r in evals.items():
         bpb = f"{r['bpb']:.3f}" if r.get("bpb") is not None else "n/a"
         lines.append(f"| {name} | {r['loss']:.4f} | {bpb} |")
