@@ -23,6 +23,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "chat": ("chat", "interactive terminal chat with a checkpoint"),
     "tokenizer": ("tokenizer", "encode, decode, train or export a byte-level BPE tokenizer"),
     "data": ("data", "pretraining data: fetch built-in corpora, prepare shards, stats"),
+    "pretrain": ("pretrain", "pretrain a model on token shards (stages, resume, torchrun)"),
+    "speedrun": ("speedrun", "the whole recipe on built-in data: tokenizer, shards, pretraining, report"),
 }
 
 
