@@ -23,6 +23,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "data": ("data", "pretraining data: fetch built-in corpora, prepare shards, stats"),
     "generate": ("generate", "stream a completion (or a chat reply) for one prompt"),
     "chat": ("chat", "interactive terminal chat with a checkpoint"),
+    "serve": ("serve", "OpenAI-compatible HTTP server with continuous batching"),
 }
 
 
