@@ -30,6 +30,7 @@ import pydantic
 import pydantic_core
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, PlainTextResponse
@@ -77,8 +78,12 @@ async def read_body(http: HTTPRequest, limit: int) -> dict:
         raise invalid(f"The request body is not valid JSON ({e}); send a JSON object with Content-Type: "
                       "application/json.") from None
     if not isinstance(body, dict):
-        raise invalid(f"The request body must be a JSON object, not {type(body).__name__}.")
+        raise invalid(f"The request body must be a JSON object, not {_JSON_TYPES.get(type(body), 'that')}.")
     return body
+
+
+_JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
+               type(None): "null"}
 
 
 def _param(loc: tuple) -> str | None:
@@ -98,7 +103,10 @@ def validate(model: type[pydantic.BaseModel], body: dict):
         return model.model_validate(body)
     except pydantic.ValidationError as e:
         first = e.errors(include_url=False)[0]
-        param = _param(first["loc"])
+        loc = first["loc"]
+        if first["type"] == "invalid_param":  # a cross-field check names its own field
+            loc = (*loc, first["ctx"]["param"])
+        param = _param(loc)
         msg = first["msg"].removeprefix("Value error, ")
         raise invalid(f"{param}: {msg}" if param else msg, param=param) from None
 
@@ -184,12 +192,14 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/tokenize")
     async def tokenize(http: HTTPRequest):
-        req = validate(TokenizeRequest, await read_body(http, state.config.max_body_bytes))
+        body = await read_body(http, state.config.max_body_bytes)
+        req = validate(TokenizeRequest, body)
         state.resolve_model(req.model)
         if req.prompt is not None:
             ids = state.tokenizer.encode(req.prompt, allow_special=True)
         else:
-            ids = build_prompt(state.tokenizer, [template_message(m) for m in req.messages], None, "")
+            messages = [template_message(m) for m in req.messages]
+            ids = await run_in_threadpool(build_prompt, state.tokenizer, messages, body.get("tools") or None, "")
         return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=state.max_model_len).dump()
 
     @app.post("/detokenize")

@@ -20,6 +20,7 @@ import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+from pydantic_core import PydanticCustomError
 
 MAX_STOP = 16  # stop strings per request (OpenAI allows 4; vLLM any number)
 MAX_N = 128
@@ -29,6 +30,11 @@ _TOOL_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")  # OpenAI's rule for functio
 
 class _Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+
+
+def bad(param: str, message: str) -> PydanticCustomError:
+    """A cross-field error that still names its field (the error body's `param`)."""
+    return PydanticCustomError("invalid_param", message, {"param": param})
 
 
 # ---- shared request parts ---------------------------------------------------------------
@@ -94,9 +100,9 @@ class ChatMessage(_Request):
     @model_validator(mode="after")
     def _needs_content(self) -> ChatMessage:
         if self.content is None and not (self.role == "assistant"):
-            raise ValueError(f"a {self.role} message needs 'content'")
+            raise bad("content", f"a {self.role} message needs 'content'")
         if self.tool_calls and self.role != "assistant":
-            raise ValueError("only assistant messages can carry tool_calls")
+            raise bad("tool_calls", "only assistant messages can carry tool_calls")
         return self
 
     def text(self) -> str | None:
@@ -148,7 +154,7 @@ class _Sampling(_Request):
     @model_validator(mode="after")
     def _stream_options(self):
         if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed when stream is true")
+            raise bad("stream_options", "stream_options is only allowed when stream is true")
         return self
 
 
@@ -180,14 +186,14 @@ class ChatCompletionRequest(_Sampling):
     @model_validator(mode="after")
     def _consistent(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs: true")
+            raise bad("top_logprobs", "top_logprobs needs logprobs: true")
         if isinstance(self.tool_choice, dict):
             names = [t.function.name for t in self.tools or []]
             if self.tool_choice["function"]["name"] not in names:
-                raise ValueError(f"tool_choice names function {self.tool_choice['function']['name']!r}, "
-                                 "which is not among the request's tools")
+                raise bad("tool_choice", f"tool_choice names function {self.tool_choice['function']['name']!r}, "
+                                         "which is not among the request's tools")
         if self.tool_choice == "required" and not self.tools:
-            raise ValueError("tool_choice 'required' needs at least one tool in 'tools'")
+            raise bad("tool_choice", "tool_choice 'required' needs at least one tool in 'tools'")
         return self
 
     @property
@@ -223,13 +229,13 @@ class CompletionRequest(_Sampling):
     @model_validator(mode="after")
     def _consistent(self) -> CompletionRequest:
         if self.suffix:
-            raise ValueError("suffix (fill-in-the-middle) is not supported")
+            raise bad("suffix", "suffix (fill-in-the-middle) is not supported")
         if self.best_of is not None and self.best_of != self.n:
-            raise ValueError("best_of other than n is not supported")
+            raise bad("best_of", "best_of other than n is not supported")
         if self.max_tokens == 0 and not self.echo:
-            raise ValueError("max_tokens must be at least 1 (0 is only allowed with echo, to score the prompt)")
+            raise bad("max_tokens", "max_tokens must be at least 1 (0 is only allowed with echo, to score the prompt)")
         if self.stream and self.max_tokens == 0:
-            raise ValueError("max_tokens 0 (scoring) cannot be streamed")
+            raise bad("max_tokens", "max_tokens 0 (scoring) cannot be streamed")
         return self
 
 
@@ -237,13 +243,14 @@ class TokenizeRequest(_Request):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[Tool] | None = None  # with messages: rendered into the system turn
     add_special_tokens: bool = False  # accepted for vLLM compatibility (Qwen adds none)
     add_generation_prompt: bool = True
 
     @model_validator(mode="after")
     def _one(self) -> TokenizeRequest:
         if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give exactly one of 'prompt' or 'messages'")
+            raise bad("prompt", "give exactly one of 'prompt' or 'messages'")
         return self
 
 
