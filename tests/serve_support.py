@@ -35,8 +35,8 @@ VOCAB = 151936
 
 
 def tiny_config(**changes) -> ModelConfig:
-    return ModelConfig.preset("tiny").replace(vocab_size=VOCAB, max_position_embeddings=512,
-                                              tie_word_embeddings=False, **changes)
+    fields = {"vocab_size": VOCAB, "max_position_embeddings": 512, "tie_word_embeddings": False, **changes}
+    return ModelConfig.preset("tiny").replace(**fields)
 
 
 @functools.lru_cache(maxsize=1)

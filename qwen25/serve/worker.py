@@ -97,6 +97,7 @@ class Job:
     _streams: list[TextStream] = field(default_factory=list)
     _done: list[bool] = field(default_factory=list)
     _counts: list[int] = field(default_factory=list)
+    _cancelled: bool = False
 
     @property
     def choices(self) -> int:
@@ -277,8 +278,9 @@ class EngineWorker:
                                           job.first_token_at - job.submitted_at if job.first_token_at else None)
 
     def _cancel(self, job: Job) -> None:
-        if job.finished:
+        if job.finished or job._cancelled:
             return
+        job._cancelled = True
         for r in job.requests:
             self.engine.cancel(r)
         self.metrics.count_aborted()
