@@ -25,6 +25,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "data": ("data", "pretraining data: fetch built-in corpora, prepare shards, stats"),
     "pretrain": ("pretrain", "pretrain a model on token shards (stages, resume, torchrun)"),
     "speedrun": ("speedrun", "the whole recipe on built-in data: tokenizer, shards, pretraining, report"),
+    "serve": ("serve", "OpenAI-compatible HTTP server with continuous batching"),
 }
 
 

@@ -7,7 +7,9 @@ other threads may `add()` and `cancel()` at any time. Each step
 1. applies pending adds and cancels (cancel() outside a step frees the slots at once);
 2. decodes one token for every running sequence, in one batched forward;
 3. prefills waiting prompts, in arrival order, up to `prefill_chunk` prompt tokens per
-   step (a long prompt is split over several steps so running sequences keep streaming);
+   step (a long prompt is split over several steps so running sequences keep streaming;
+   the split points depend only on the prompt, so its tokens are the same whatever else
+   is queued);
    a request is admitted when it gets a free slot for each of its n samples, its prompt is
    prefilled once into the first slot and copied to the others, and each sample's first
    token is drawn from the prompt's last logits;
@@ -221,7 +223,14 @@ class Scheduler:
                 request._seqs = [_Seq(request, i, self._free.pop(0), self.vocab_size)
                                  for i in range(request.params.n)]
             first = request._seqs[0]
-            chunk = request.prompt[request._progress:request._progress + budget]
+            # Chunk boundaries sit at multiples of prefill_chunk from the prompt's start, never
+            # where another prompt happened to leave the budget: a prompt prefilled in other
+            # pieces gets (slightly) different K/V values, so its tokens would depend on what
+            # else was queued. A piece that does not fit the budget left waits for the next step.
+            start = request._progress
+            chunk = request.prompt[start:start + self.prefill_chunk - start % self.prefill_chunk]
+            if len(chunk) > budget:
+                break
             request._progress += len(chunk)
             budget -= len(chunk)
             done = request._progress == len(request.prompt)
