@@ -21,6 +21,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "demo": ("demo", "build a small random model, save, load and generate from it"),
     "tokenizer": ("tokenizer", "encode, decode, train or export a byte-level BPE tokenizer"),
     "data": ("data", "pretraining data: fetch built-in corpora, prepare shards, stats"),
+    "generate": ("generate", "stream a completion (or a chat reply) for one prompt"),
+    "chat": ("chat", "interactive terminal chat with a checkpoint"),
 }
 
 

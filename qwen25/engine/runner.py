@@ -1,0 +1,103 @@
+"""Run the model over the slot cache: prefill a chunk of one sequence, decode many.
+
+Two decode paths give the same logits (to the last bit or two of the dtype):
+- "fast": the C++ decoder (`fast.py`), one call per step; used on x86 CPUs with AVX-512
+  for dense float32/bfloat16 models;
+- "torch": the PyTorch model with a `RowsView` of the cache; used everywhere else (GPU,
+  MoE, dual chunk attention, fp16, quantized modules, no compiler).
+Prefill always runs the PyTorch model (large matmuls, where oneDNN is already efficient)
+and computes the lm_head for the last position only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from qwen25.engine.fast import FastDecoder, unsupported_reason
+from qwen25.engine.kv_cache import SlotCache
+
+
+class ModelRunner:
+    """The model plus its KV cache; knows nothing about requests or sampling.
+
+    decode: "auto" (fast when supported), "fast" (error when unsupported), "torch", or
+    "portable" (the C++ decoder without AVX-512, for tests on any x86 CPU).
+    """
+
+    def __init__(self, model, slots: int, max_seq_len: int, decode: str = "auto", threads: int | None = None):
+        if decode not in ("auto", "fast", "torch", "portable"):
+            raise ValueError(f"decode={decode!r}: use auto, fast, torch or portable")
+        self.model = model
+        self.config = model.config
+        self.cache = SlotCache(model.config, slots, max_seq_len, model.dtype, model.device)
+        self.fast: FastDecoder | None = None
+        self.fast_reason: str | None = None  # why the fast path is off (None when on)
+        self._isa = "portable" if decode == "portable" else "avx512"
+        self.threads = threads
+        if decode == "torch":
+            self.fast_reason = "decode='torch' was requested"
+        else:
+            self.fast_reason = unsupported_reason(model, self._isa)
+            if self.fast_reason is None:
+                self.fast = FastDecoder(model, self.cache, self._isa, threads)
+            elif decode in ("fast", "portable"):
+                raise RuntimeError(f"decode={decode!r} is unavailable: {self.fast_reason}")
+
+    @property
+    def decode_path(self) -> str:
+        return ("fast" if self._isa == "avx512" else "portable") if self.fast is not None else "torch"
+
+    def refresh(self) -> None:
+        """Rebind the C++ decoder if the model's parameter tensors were replaced."""
+        if self.fast is not None and self.fast.stale():
+            self.fast = FastDecoder(self.model, self.cache, self._isa, self.threads)
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, ids: list[int], want_logits: bool) -> torch.Tensor | None:
+        """Append `ids` to the sequence in `slot`; return logits [vocab] float32 of the last
+        position when `want_logits` (the final chunk of a prompt), else None."""
+        x = torch.tensor([ids], dtype=torch.long, device=self.model.device)
+        h, _ = self.model.hidden_states(x, kv_cache=self.cache.rows([slot]))
+        if not want_logits:
+            return None
+        return self.model.lm_head(h[0, -1]).float()
+
+    @torch.inference_mode()
+    def decode(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
+        """Feed one token to each slot; return logits [len(slots), vocab] float32."""
+        device = self.model.device
+        if self.fast is not None:
+            positions = torch.tensor([self.cache.lengths[s] for s in slots])
+            logits = self.fast(torch.tensor(tokens), torch.tensor(slots), positions)
+            for s in slots:
+                self.cache.lengths[s] += 1
+            return logits
+        x = torch.tensor(tokens, dtype=torch.long, device=device)[:, None]
+        h, _ = self.model.hidden_states(x, kv_cache=self.cache.rows(slots))
+        return self.model.lm_head(h[:, -1]).float()
+
+    @torch.inference_mode()
+    def score(self, ids: list[int], start: int, top: int = 0, chunk: int = 256):
+        """Log-probabilities of ids[start:] given what precedes each (no cache used).
+
+        Returns (logprobs [n] float32, greedy [n] bool, top (values [n, top], ids [n, top]) or
+        None), n = len(ids) - start. The lm_head runs over `chunk` positions at a time, so
+        memory stays O(chunk x vocab) for long inputs.
+        """
+        x = torch.tensor([ids], dtype=torch.long, device=self.model.device)
+        h, _ = self.model.hidden_states(x)
+        h = h[0, start - 1:-1]  # position t predicts token t + 1
+        targets = x[0, start:]
+        lps, greedy, top_vals, top_ids = [], [], [], []
+        for i in range(0, h.shape[0], chunk):
+            logp = F.log_softmax(self.model.lm_head(h[i:i + chunk]).float(), dim=-1)
+            tgt = targets[i:i + chunk]
+            lps.append(logp.gather(-1, tgt[:, None]).squeeze(-1))
+            greedy.append(logp.argmax(-1) == tgt)
+            if top:
+                v, j = logp.topk(top, dim=-1)
+                top_vals.append(v)
+                top_ids.append(j)
+        tops = (torch.cat(top_vals), torch.cat(top_ids)) if top else None
+        return torch.cat(lps).cpu(), torch.cat(greedy).cpu(), tops

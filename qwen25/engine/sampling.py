@@ -1,0 +1,241 @@
+"""Sampling as pure functions of logits: penalties, temperature, top-k, top-p, min-p.
+
+Order and semantics follow `transformers`' logits processors (the reference the tests
+compare against): repetition penalty -> presence/frequency penalties -> temperature ->
+top-k -> top-p -> min-p -> sample. Conventions:
+
+- repetition_penalty (HF, multiplicative, CTRL paper): for every token already in the prompt
+  or the output, a positive logit is divided by the penalty and a negative one multiplied.
+- presence_penalty / frequency_penalty (OpenAI, additive): logit -= presence * [count > 0]
+  + frequency * count, where count is how often the token was generated so far (prompt
+  tokens do not count, as in the OpenAI API and vLLM).
+- temperature 0 (anything <= 1e-5) is greedy: argmax of the penalised logits.
+- top_k 0 (or >= vocab) keeps all; like HF, tokens tied with the k-th logit are kept too.
+- top_p keeps the smallest prefix of tokens (by descending probability) whose mass reaches
+  top_p; top_p = 1 keeps all.
+- min_p keeps tokens whose probability is at least min_p times the top token's.
+
+Randomness comes only from the `torch.Generator` passed in: one per sequence, so a seeded
+request gives the same tokens whatever else shares its batch. All functions take float32
+logits and leave their inputs unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from qwen25.errors import UserError
+
+GREEDY_TEMPERATURE = 1e-5  # at or below this, sampling is argmax (dividing would overflow)
+TOP_P_CANDIDATES = 1024  # top-p looks at this many best tokens before sorting the whole vocab
+MAX_LOGPROBS = 20  # as the OpenAI API
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request is decoded. Defaults: plain sampling at temperature 1, no filters."""
+
+    max_new_tokens: int = 16  # tokens to generate at most (the context limit may stop it earlier)
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0  # nucleus mass in (0, 1]
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0  # in [0, 1]; 0 = off
+    repetition_penalty: float = 1.0  # > 0; 1 = off (HF semantics)
+    presence_penalty: float = 0.0  # in [-2, 2] (OpenAI semantics)
+    frequency_penalty: float = 0.0  # in [-2, 2]
+    stop_token_ids: tuple[int, ...] | None = None  # None: the model's eos ids; (): none
+    seed: int | None = None  # sample i of a request uses seed + i
+    logprobs: int = 0  # how many top alternatives to report per token, 0..20
+    n: int = 1  # independent samples sharing one prefill
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= GREEDY_TEMPERATURE
+
+    def validate(self, vocab_size: int) -> None:
+        """Raise UserError naming the first bad field and its valid range."""
+        def bad(msg: str) -> UserError:
+            return UserError(f"invalid sampling parameter: {msg}")
+
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise bad(f"max_new_tokens={self.max_new_tokens!r} must be an integer >= 1")
+        if not _finite(self.temperature) or self.temperature < 0:
+            raise bad(f"temperature={self.temperature!r} must be >= 0 (0 means greedy)")
+        if not _finite(self.top_p) or not 0 < self.top_p <= 1:
+            raise bad(f"top_p={self.top_p!r} must be in (0, 1]; use 1 to turn it off")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise bad(f"top_k={self.top_k!r} must be an integer >= 0; use 0 to turn it off")
+        if not _finite(self.min_p) or not 0 <= self.min_p <= 1:
+            raise bad(f"min_p={self.min_p!r} must be in [0, 1]; use 0 to turn it off")
+        if not _finite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise bad(f"repetition_penalty={self.repetition_penalty!r} must be > 0; use 1 to turn it off")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not _finite(v) or not -2 <= v <= 2:
+                raise bad(f"{name}={v!r} must be in [-2, 2]")
+        if not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise bad(f"logprobs={self.logprobs!r} must be an integer in [0, {MAX_LOGPROBS}]")
+        if not _is_int(self.n) or self.n < 1:
+            raise bad(f"n={self.n!r} must be an integer >= 1")
+        if self.seed is not None and not _is_int(self.seed):
+            raise bad(f"seed={self.seed!r} must be an integer or None")
+        for t in self.stop_token_ids or ():
+            if not _is_int(t) or not 0 <= t < vocab_size:
+                raise bad(f"stop_token_ids: {t!r} is outside the vocabulary [0, {vocab_size})")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# --------------------------------------------------------------------------------------
+# Penalties (batched: logits [..., V])
+# --------------------------------------------------------------------------------------
+
+
+def repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float | torch.Tensor) -> torch.Tensor:
+    """HF/CTRL penalty on tokens with seen=True: logit / p if logit > 0 else logit * p.
+
+    seen: bool, same shape as logits. penalty: a float or a tensor broadcasting to logits
+    (e.g. [B, 1] for one penalty per row).
+    """
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def presence_frequency_penalty(logits: torch.Tensor, counts: torch.Tensor, presence: float | torch.Tensor,
+                               frequency: float | torch.Tensor) -> torch.Tensor:
+    """OpenAI penalties: logit - presence * [count > 0] - frequency * count."""
+    counts = counts.to(logits.dtype)
+    return logits - presence * (counts > 0).to(logits.dtype) - frequency * counts
+
+
+# --------------------------------------------------------------------------------------
+# Filters over the whole vocabulary (logits [V] or [B, V] -> same, removed = -inf)
+# --------------------------------------------------------------------------------------
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits (and any tied with the k-th); k <= 0 or >= V keeps all."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = logits.topk(k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, -math.inf)
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability mass reaches p."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # probability of all better tokens
+    remove = mass_before >= p
+    remove[..., 0] = False  # the top token always stays
+    return logits.masked_fill(remove.scatter(-1, order, remove), -math.inf)
+
+
+def min_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep tokens with probability >= p * (probability of the most likely token)."""
+    if p <= 0.0:
+        return logits
+    probs = logits.softmax(dim=-1)
+    remove = probs < p * probs.amax(dim=-1, keepdim=True)
+    return logits.masked_fill(remove, -math.inf)
+
+
+# --------------------------------------------------------------------------------------
+# The fast path for one row: the kept tokens and their probabilities
+# --------------------------------------------------------------------------------------
+
+
+def candidates(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0,
+               min_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens that survive top-k -> top-p -> min-p for one row, with renormalised probs.
+
+    logits: [V] float32 (already penalised and divided by the temperature).
+    Returns (ids [C] int64, probs [C] float32 summing to 1), C >= 1. The same kept set as the
+    whole-vocabulary filters above, without sorting 152K logits on every token: top-k and
+    top-p work on the best few candidates and only fall back to a full sort when the best
+    TOP_P_CANDIDATES do not reach top_p.
+    """
+    V = logits.shape[-1]
+    use_k = 0 < top_k < V
+    if use_k:
+        kth = logits.topk(top_k).values[-1]
+        ids = (logits >= kth).nonzero().squeeze(-1)  # ties with the k-th stay, as in HF
+        vals, order = logits[ids].sort(descending=True)
+        ids = ids[order]
+        lse = torch.logsumexp(vals, dim=-1)  # top-p normalises over what top-k kept
+    elif top_p < 1.0:
+        vals, ids = logits.topk(min(V, TOP_P_CANDIDATES))  # sorted, best first
+        lse = torch.logsumexp(logits, dim=-1)
+        if float((vals - lse).exp().sum()) < top_p:  # the nucleus is wider: sort everything
+            vals, ids = logits.sort(descending=True)
+    else:
+        ids = torch.arange(V, device=logits.device)
+        vals = logits
+    if top_p < 1.0:
+        probs = (vals - lse).exp()
+        keep = (probs.cumsum(-1) - probs) < top_p  # mass of the better tokens is short of p
+        keep[0] = True
+        vals, ids = vals[keep], ids[keep]
+    probs = vals.softmax(-1)
+    if min_p > 0.0:
+        keep = probs >= min_p * probs.max()
+        ids, probs = ids[keep], probs[keep] / probs[keep].sum()
+    return ids, probs
+
+
+def sample(ids: torch.Tensor, probs: torch.Tensor, generator: torch.Generator | None) -> int:
+    """Draw one of `ids` with probabilities `probs` using only `generator`'s randomness."""
+    if ids.numel() == 1:
+        return int(ids[0])
+    return int(ids[torch.multinomial(probs, 1, generator=generator)])
+
+
+def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+               seen: torch.Tensor | None = None, counts: torch.Tensor | None = None) -> int:
+    """One token for one sequence: penalties, then greedy argmax or filtered sampling.
+
+    logits [V] float32 (raw model output); seen [V] bool (prompt and output tokens, needed
+    when repetition_penalty != 1); counts [V] (output token counts, needed for the OpenAI
+    penalties).
+    """
+    logits = penalize(logits, params, seen, counts)
+    if params.greedy:
+        return int(logits.argmax())
+    ids, probs = candidates(logits / params.temperature, params.top_k, params.top_p, params.min_p)
+    return sample(ids, probs, generator)
+
+
+def penalize(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None,
+             counts: torch.Tensor | None) -> torch.Tensor:
+    if params.repetition_penalty != 1.0 and seen is not None:
+        logits = repetition_penalty(logits, seen, params.repetition_penalty)
+    if (params.presence_penalty or params.frequency_penalty) and counts is not None:
+        logits = presence_frequency_penalty(logits, counts, params.presence_penalty, params.frequency_penalty)
+    return logits
+
+
+# --------------------------------------------------------------------------------------
+# Log-probabilities (of the raw model distribution, before penalties and temperature)
+# --------------------------------------------------------------------------------------
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int = 0):
+    """logits [B, V] float32, tokens [B] -> (logprob of each token [B],
+    top-`top` (values [B, top], ids [B, top]) or None)."""
+    lse = torch.logsumexp(logits, dim=-1)
+    chosen = logits.gather(-1, tokens[:, None]).squeeze(-1) - lse
+    if top <= 0:
+        return chosen, None
+    vals, ids = logits.topk(top, dim=-1)
+    return chosen, (vals - lse[:, None], ids)

@@ -1,0 +1,283 @@
+"""The step-level core: requests in, one token per running sequence per step out.
+
+This is continuous batching in its simplest correct form. A caller (the `Engine`'s own
+`generate`/`stream` loops, or the server's scheduler thread) calls `step()` repeatedly;
+other threads may `add()` and `cancel()` at any time. Each step
+
+1. applies pending adds and cancels (a cancelled request frees its slots at once);
+2. decodes one token for every running sequence, in one batched forward;
+3. prefills waiting prompts, in arrival order, up to `prefill_chunk` prompt tokens per
+   step (a long prompt is split over several steps so running sequences keep streaming);
+   a request is admitted when it gets a free slot for each of its n samples, its prompt is
+   prefilled once into the first slot and copied to the others, and each sample's first
+   token is drawn from the prompt's last logits;
+4. returns a `StepOutput` for every token produced, with `finish_reason` set on the last
+   token of a sample ("stop": a stop token, which is included; "length": max_new_tokens or
+   the context limit).
+
+The tokens also accumulate on each `Request` handle (`request.outputs[i]`), so whoever
+drives the steps, every caller can read its own results. `step()` is serialised by a lock;
+it releases the GIL inside the model, so an HTTP thread stays responsive.
+"""
+
+from __future__ import annotations
+
+import itertools
+import operator
+import secrets
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from qwen25.engine.runner import ModelRunner
+from qwen25.engine.sampling import SamplingParams, sample_row, token_logprobs
+from qwen25.errors import UserError
+
+
+@dataclass
+class Completion:
+    """One sample of a request: generated tokens and their log-probabilities.
+
+    logprobs[t] is log p(tokens[t]) under the raw model distribution (before penalties,
+    temperature and filters); top_logprobs[t] lists the `params.logprobs` most likely
+    (token, logprob) pairs at that step, or is None when none were asked for.
+    """
+
+    index: int
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled"; None while running
+
+
+class Request:
+    """A submitted prompt: the handle `add()` returns. Read `outputs` and `finished`."""
+
+    _ids = itertools.count()
+
+    def __init__(self, prompt: list[int], params: SamplingParams, stop_ids: frozenset[int]):
+        self.id = next(Request._ids)
+        self.prompt = prompt
+        self.params = params
+        self.stop_ids = stop_ids
+        self.outputs = [Completion(i, top_logprobs=[] if params.logprobs else None) for i in range(params.n)]
+        self._progress = 0  # prompt tokens prefilled so far
+        self._seqs: list[_Seq] = []
+
+    @property
+    def finished(self) -> bool:
+        return all(c.finish_reason is not None for c in self.outputs)
+
+    def __repr__(self) -> str:
+        return f"Request(id={self.id}, prompt_tokens={len(self.prompt)}, n={self.params.n}, finished={self.finished})"
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """One new token of one sample of one request."""
+
+    request: Request
+    index: int  # which of the request's n samples
+    token: int
+    logprob: float
+    top_logprobs: list[tuple[int, float]] | None
+    finish_reason: str | None  # set on the sample's last token
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class _Seq:
+    """Decoding state of one sample: its cache slot, RNG and penalty bookkeeping."""
+
+    def __init__(self, request: Request, index: int, slot: int, vocab: int):
+        p = request.params
+        self.request, self.index, self.slot = request, index, slot
+        self.out = request.outputs[index]
+        seed = p.seed + index if p.seed is not None else secrets.randbits(62)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.seen = self.counts = None
+        if p.repetition_penalty != 1.0:
+            self.seen = torch.zeros(vocab, dtype=torch.bool)
+            self.seen[torch.tensor(request.prompt)] = True
+        if p.presence_penalty or p.frequency_penalty:
+            self.counts = torch.zeros(vocab, dtype=torch.int32)
+        self.next_input: int | None = None  # the last token, fed at the next decode
+
+
+class Scheduler:
+    def __init__(self, runner: ModelRunner, max_batch_size: int, prefill_chunk: int,
+                 default_stop_ids: frozenset[int]):
+        self.runner = runner
+        self.max_seq_len = runner.cache.max_seq_len
+        self.vocab_size = runner.config.vocab_size
+        self.prefill_chunk = prefill_chunk
+        self.default_stop_ids = default_stop_ids
+        self._free = list(range(max_batch_size))
+        self._lock = threading.Lock()  # guards _incoming and _cancels
+        self._step_lock = threading.Lock()
+        self._incoming: deque[Request] = deque()
+        self._cancels: list[Request] = []
+        self._waiting: deque[Request] = deque()  # admitted in order; the head may be mid-prefill
+        self._running: list[_Seq] = []
+
+    # ---- called from any thread -------------------------------------------------------
+
+    def add(self, prompt, params: SamplingParams) -> Request:
+        """Validate and queue a request; returns its handle. Raises UserError on bad input."""
+        prompt = self._check_prompt(prompt)
+        params.validate(self.vocab_size)
+        if params.n > self.runner.cache.slots:
+            raise UserError(f"n={params.n} samples need as many cache slots, but the engine has "
+                            f"max_batch_size={self.runner.cache.slots}; lower n or raise max_batch_size")
+        stop = self.default_stop_ids if params.stop_token_ids is None else frozenset(params.stop_token_ids)
+        request = Request(prompt, params, stop)
+        with self._lock:
+            self._incoming.append(request)
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """Stop a request; its slots are freed at the next step. Finished ones are ignored."""
+        with self._lock:
+            self._cancels.append(request)
+
+    @property
+    def has_work(self) -> bool:
+        with self._lock:
+            return bool(self._incoming or self._cancels or self._waiting or self._running)
+
+    def _check_prompt(self, prompt) -> list[int]:
+        try:
+            ids = [operator.index(t) for t in prompt]
+        except TypeError:
+            raise UserError("a prompt must be a list of integer token ids; encode text with the "
+                            "tokenizer first") from None
+        if not ids:
+            raise UserError("empty prompt: give at least one token (e.g. the BOS or a chat template)")
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise UserError(f"token id {bad[0]} is outside the model's vocabulary [0, {self.vocab_size}); "
+                            "was the prompt encoded with another tokenizer?")
+        if len(ids) >= self.max_seq_len:
+            raise UserError(f"the prompt has {len(ids)} tokens but the engine's context is "
+                            f"max_seq_len={self.max_seq_len}; shorten the prompt or create the "
+                            "Engine with a larger max_seq_len")
+        return ids
+
+    # ---- the step -------------------------------------------------------------------
+
+    def step(self) -> list[StepOutput]:
+        """Advance every running sequence by one token and prefill what fits (see module doc)."""
+        with self._step_lock:
+            self._apply_pending()
+            outputs: list[StepOutput] = []
+            if self._running:
+                seqs = list(self._running)
+                logits = self.runner.decode([s.slot for s in seqs], [s.next_input for s in seqs])
+                outputs += self._emit(seqs, logits)
+            outputs += self._prefill()
+            return outputs
+
+    def _apply_pending(self) -> None:
+        with self._lock:
+            self._waiting.extend(self._incoming)
+            self._incoming.clear()
+            cancels, self._cancels = self._cancels, []
+        for request in cancels:
+            if request in self._waiting:
+                self._waiting.remove(request)
+            for seq in request._seqs:
+                if seq in self._running:
+                    self._running.remove(seq)
+                self._release(seq)
+            request._seqs = []
+            for c in request.outputs:
+                if c.finish_reason is None:
+                    c.finish_reason = "cancelled"
+
+    def _release(self, seq: _Seq) -> None:
+        if seq.slot >= 0:
+            self.runner.cache.clear(seq.slot)
+            self._free.append(seq.slot)
+            self._free.sort()
+            seq.slot = -1
+
+    def _prefill(self) -> list[StepOutput]:
+        outputs: list[StepOutput] = []
+        budget = self.prefill_chunk
+        while budget > 0 and self._waiting:
+            request = self._waiting[0]
+            if not request._seqs:  # admit: one slot per sample, or wait for slots to free up
+                if len(self._free) < request.params.n:
+                    break
+                request._seqs = [_Seq(request, i, self._free.pop(0), self.vocab_size)
+                                 for i in range(request.params.n)]
+            first = request._seqs[0]
+            chunk = request.prompt[request._progress:request._progress + budget]
+            request._progress += len(chunk)
+            budget -= len(chunk)
+            done = request._progress == len(request.prompt)
+            logits = self.runner.prefill(first.slot, chunk, want_logits=done)
+            if not done:
+                break  # the budget is spent mid-prompt; continue at the next step
+            self._waiting.popleft()
+            for seq in request._seqs[1:]:
+                self.runner.cache.copy_slot(first.slot, seq.slot)
+            seqs = list(request._seqs)
+            outputs += self._emit(seqs, logits[None].expand(len(seqs), -1))
+        return outputs
+
+    def _emit(self, seqs: list[_Seq], logits: torch.Tensor) -> list[StepOutput]:
+        """Sample one token per sequence from logits [len(seqs), vocab], record, retire."""
+        logits = logits.float().cpu()
+        tokens = self._sample(seqs, logits)
+        top = max(s.request.params.logprobs for s in seqs)
+        chosen, tops = token_logprobs(logits, torch.tensor(tokens), top)
+        chosen = chosen.tolist()
+        tops = (tops[0].tolist(), tops[1].tolist()) if tops is not None else None
+        outputs = []
+        for i, (seq, token) in enumerate(zip(seqs, tokens)):
+            p, out = seq.request.params, seq.out
+            out.tokens.append(token)
+            out.logprobs.append(chosen[i])
+            alts = None
+            if p.logprobs:
+                alts = list(zip(tops[1][i][:p.logprobs], tops[0][i][:p.logprobs]))
+                out.top_logprobs.append(alts)
+            if seq.seen is not None:
+                seq.seen[token] = True
+            if seq.counts is not None:
+                seq.counts[token] += 1
+            reason = None
+            if token in seq.request.stop_ids:
+                reason = "stop"
+            elif len(out.tokens) >= p.max_new_tokens or len(seq.request.prompt) + len(out.tokens) >= self.max_seq_len:
+                reason = "length"
+            if reason is None:
+                seq.next_input = token
+                if seq not in self._running:
+                    self._running.append(seq)
+            else:
+                out.finish_reason = reason
+                if seq in self._running:
+                    self._running.remove(seq)
+                self._release(seq)
+            outputs.append(StepOutput(seq.request, seq.index, token, chosen[i], alts, reason))
+        return outputs
+
+    @staticmethod
+    def _sample(seqs: list[_Seq], logits: torch.Tensor) -> list[int]:
+        tokens: list[int | None] = [None] * len(seqs)
+        plain = [i for i, s in enumerate(seqs) if s.request.params.greedy and s.seen is None and s.counts is None]
+        if len(plain) == len(seqs):  # the common all-greedy batch: one argmax, no copies
+            return logits.argmax(-1).tolist()
+        if plain:
+            for i, t in zip(plain, logits[plain].argmax(-1).tolist()):
+                tokens[i] = t
+        for i, seq in enumerate(seqs):
+            if tokens[i] is None:
+                tokens[i] = sample_row(logits[i], seq.request.params, seq.generator, seq.seen, seq.counts)
+        return tokens
