@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: venv data test test-fast demo clean
+.PHONY: venv data test test-fast demo speedrun clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,7 +31,17 @@ test: venv data
 test-fast: venv data
 	$(BIN)/python -m pytest -n 2 -m "not slow" $(PYTEST_ARGS)
 
-# Main job until the speedrun exists: build a tiny random model and generate from it.
+# The main job: fetch the built-in corpora, train a tokenizer, prepare shards, pretrain a
+# small Qwen2.5-architecture model through both stages (short context, then long context
+# with the RoPE base raised) and write $(SPEEDRUN_OUT)/report.md. Re-running it after an
+# interruption continues where it stopped. PROFILE=gpu scales the run to one GPU.
+PROFILE ?= cpu
+SPEEDRUN_OUT ?= runs/speedrun
+speedrun:
+	@t0=$$(date +%s); $(MAKE) --no-print-directory venv && \
+	$(BIN)/qwen25 speedrun --profile $(PROFILE) --out $(SPEEDRUN_OUT) --started-at $$t0
+
+# A smoke test of the install that takes seconds: build a tiny random model and generate.
 demo: venv
 	$(BIN)/qwen25 demo
 

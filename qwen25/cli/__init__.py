@@ -23,6 +23,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "data": ("data", "pretraining data: fetch built-in corpora, prepare shards, stats"),
     "generate": ("generate", "stream a completion (or a chat reply) for one prompt"),
     "chat": ("chat", "interactive terminal chat with a checkpoint"),
+    "pretrain": ("pretrain", "pretrain a model on token shards (stages, resume, torchrun)"),
+    "speedrun": ("speedrun", "the whole recipe on built-in data: tokenizer, shards, pretraining, report"),
 }
 
 

@@ -1,0 +1,68 @@
+"""Training losses as pure functions of tensors.
+
+Every loss returns a *sum* over the tokens it counts, in float32, with the count beside it:
+the caller divides by the number of counted tokens of the whole optimizer step (all
+micro-batches, all ranks), so gradient accumulation and data parallelism give the same
+update as one big batch. (A per-micro-batch mean would weight short micro-batches more.)
+
+Conventions: `labels[b, t]` is the token that should follow `input_ids[b, t]` (already
+shifted), `IGNORE_INDEX` (-100, the PyTorch/HF value) marks positions without a target.
+
+Post-training losses (DPO, Bradley-Terry, GRPO, KL estimators) join this file as they are
+built; `token_logprobs` is the piece they share with pretraining.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+
+
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor,
+                      chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross entropy in nats over the labelled positions.
+
+    logits [..., V] (any float dtype; upcast to float32 for the log-softmax), labels [...]
+    int64 with IGNORE_INDEX where there is no target. Returns (sum fp32 scalar, count
+    int64 scalar).
+
+    chunk_size: compute the float32 log-softmax over this many positions at a time and
+    recompute it in backward (activation checkpointing per chunk), so a large vocabulary
+    never holds a float32 [positions, V] copy for the whole batch: peak extra memory is
+    O(chunk_size x V) instead of O(B x T x V). Same value and gradient either way.
+    """
+    flat = logits.reshape(-1, logits.shape[-1])
+    target = labels.reshape(-1)
+    count = (target != IGNORE_INDEX).sum()
+    if chunk_size is None or flat.shape[0] <= chunk_size:
+        return _ce_sum(flat, target), count
+    total = flat.new_zeros((), dtype=torch.float32)
+    for start in range(0, flat.shape[0], chunk_size):
+        part = slice(start, start + chunk_size)
+        if flat.requires_grad:
+            total = total + checkpoint(_ce_sum, flat[part], target[part], use_reentrant=False)
+        else:
+            total = total + _ce_sum(flat[part], target[part])
+    return total, count
+
+
+def _ce_sum(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p(labels[b, t] | prefix) [B, T] in float32; 0 where labels == IGNORE_INDEX."""
+    mask = labels != IGNORE_INDEX
+    safe = labels.masked_fill(~mask, 0)
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    return logp * mask
+
+
+def bits_per_byte(loss_sum_nats: float, num_bytes: float) -> float:
+    """Tokenizer-independent compression: total nats / ln 2 / UTF-8 bytes of the targets."""
+    return loss_sum_nats / math.log(2) / num_bytes
