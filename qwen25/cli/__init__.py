@@ -24,6 +24,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "generate": ("generate", "stream a completion (or a chat reply) for one prompt"),
     "chat": ("chat", "interactive terminal chat with a checkpoint"),
     "pretrain": ("pretrain", "pretrain a model on token shards (stages, resume, torchrun)"),
+    "eval": ("eval", "long-context evaluation: passkey, needle, loss by position, the YaRN/DCA demo"),
     "speedrun": ("speedrun", "the whole recipe on built-in data: tokenizer, shards, pretraining, report"),
 }
 
