@@ -6,8 +6,10 @@
    generated prose plus the probe templates.
 2. A small Qwen2.5-shaped model is trained from scratch on rows of exactly L = `seq_len`
    tokens, each a passkey example (the evaluation's template, its own filler) of random
-   length and depth, then filler to the end of the row. The optimizer step is the trainer's
-   own (`qwen25.train.loop.train_step`, AdamW groups, warmup + cosine); metrics.jsonl and
+   length and depth, then filler to the end of the row. Every token is a target; the six
+   answer tokens weigh `answer_weight` (5) times the others, without which the copy circuit
+   does not form within this budget. The optimizer step is the trainer's own
+   (`qwen25.train.loop.train_step`, AdamW groups, warmup + cosine); metrics.jsonl and
    loss plots are written as for any training run.
 3. The trained model is probed at L, 2L and 4L with plain RoPE, YaRN (factor 4 over L),
    DCA (chunk L, local window L/8) and YaRN + DCA: passkey accuracy (greedy exact match, and
@@ -39,12 +41,13 @@ class DemoConfig:
 
     out: str = "runs/longctx-demo"  # output folder (report.md, results.json, plots, model/)
     seq_len: int = 128  # L: the training length; probes run at L, 2L and 4L
-    steps: int = 700  # optimizer steps
-    batch_size: int = 32  # rows of L tokens per step
-    lr: float = 3e-3  # peak AdamW learning rate (warmup, then cosine to 10%)
-    warmup: int = 50  # warmup steps
-    hidden_size: int = 128  # model width
-    layers: int = 4  # decoder layers
+    steps: int = 1600  # optimizer steps (retrieval appears between steps ~900 and ~1400, by seed)
+    batch_size: int = 16  # rows of L tokens per step
+    lr: float = 1e-2  # peak AdamW learning rate (warmup, then cosine to 10%)
+    warmup: int = 100  # warmup steps
+    answer_weight: float = 5.0  # loss weight of the answer tokens (6 of L); 1 = plain LM loss
+    hidden_size: int = 64  # model width
+    layers: int = 2  # decoder layers (two suffice for the copy circuit retrieval needs)
     heads: int = 4  # query heads (head_dim = hidden_size / heads)
     kv_heads: int = 2  # key/value heads (GQA)
     rope_theta: float = 10000.0  # RoPE base
@@ -52,8 +55,9 @@ class DemoConfig:
     yarn_factor: float = 4.0  # YaRN factor over L for the "yarn" modes
     dca_local: int = 0  # DCA local window (0: L / 8); the chunk is L
     depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)  # needle depths probed
-    trials: int = 8  # probes per (length, depth, mode)
+    trials: int = 20  # probes per (length, depth, mode)
     ppl_sequences: int = 8  # held-out sequences of 4L tokens for loss against position
+    threads: int = 1  # torch threads: a tiny model gains nothing from more, and loses on a busy machine
     seed: int = 0  # model init, training data and probes
 
 
@@ -78,16 +82,28 @@ def _corpus(path: Path, seed: int) -> None:
     path.write_text("\n".join(parts))
 
 
-def _training_row(tokenizer, pool, L: int, rng: random.Random, eos: int) -> list[int]:
-    """L + 1 tokens: one passkey example (random length and depth), eos, then filler."""
+def _training_row(tokenizer, pool, L: int, rng: random.Random, eos: int) -> tuple[list[int], range]:
+    """(L + 1 tokens, the label indices of the answer): one passkey example of random length
+    and depth, its answer, eos, then filler to the end of the row."""
     from qwen25.eval.longctx import make_probe
 
     hi = L - 8  # room for the answer (" " + 5 digits) and the eos
-    length = rng.randint(L // 2, hi)
+    lo = min(hi, max(L // 2, 64))  # the template alone is ~50 tokens with the demo's vocabulary
+    length = rng.randint(lo, hi)
     probe = make_probe("passkey", tokenizer, pool, length, rng.random(), rng.randrange(1 << 30),
                        seed=-1)  # seed -1: a stream of keys the evaluation (seed >= 0) never draws
     row = probe.prompt + probe.answer_ids + [eos]
-    return (row + pool.window(L + 1 - len(row), rng))[:L + 1]
+    answer = range(len(probe.prompt) - 1, len(probe.prompt) - 1 + len(probe.answer_ids))
+    return (row + pool.window(L + 1 - len(row), rng))[:L + 1], answer
+
+
+def weighted_lm_loss(model, batch) -> tuple[torch.Tensor, torch.Tensor, None]:
+    """Summed next-token loss with per-position weights (`batch["weights"]` [B, T]), in the
+    `train_step` loss-function protocol: (sum, count, no aux loss)."""
+    from qwen25.train.losses import token_logprobs
+
+    logp = token_logprobs(model(batch["input_ids"]), batch["labels"])  # [B, T] float32
+    return -(logp * batch["weights"]).sum(), torch.tensor(logp.numel()), None
 
 
 def _mode_overrides(mode: str, cfg: DemoConfig) -> tuple[str, str]:
@@ -104,7 +120,7 @@ def train_model(cfg: DemoConfig, tokenizer, out: Path, progress: bool = True):
     from qwen25.config import ModelConfig
     from qwen25.eval.filler import filler_pool
     from qwen25.model.model import build_model
-    from qwen25.train.loop import lm_loss, train_step
+    from qwen25.train.loop import train_step
     from qwen25.train.metrics import MetricsLog, plot_metrics
     from qwen25.train.optim import build_optimizer, warmup_cosine
     from qwen25.train.parallel import World
@@ -128,10 +144,14 @@ def train_model(cfg: DemoConfig, tokenizer, out: Path, progress: bool = True):
     bar = tqdm(range(cfg.steps), desc=f"train L={L}", unit="step", disable=not progress)
     t0 = time.perf_counter()
     for step in bar:
-        rows = torch.tensor([_training_row(tokenizer, pool, L, rng, eos) for _ in range(cfg.batch_size)])
-        batch = {"input_ids": rows[:, :-1], "labels": rows[:, 1:]}
+        rows, answers = zip(*(_training_row(tokenizer, pool, L, rng, eos) for _ in range(cfg.batch_size)))
+        rows = torch.tensor(rows)
+        weights = torch.ones(cfg.batch_size, L)
+        for i, span in enumerate(answers):
+            weights[i, span.start:span.stop] = cfg.answer_weight
+        batch = {"input_ids": rows[:, :-1], "labels": rows[:, 1:], "weights": weights}
         lr = cfg.lr * warmup_cosine(step, cfg.steps, cfg.warmup, min_ratio=0.1)
-        res = train_step(model, opt, [batch], lambda m, b: lm_loss(m, b, mcfg), lr=lr, world=world)
+        res = train_step(model, opt, [batch], weighted_lm_loss, lr=lr, world=world)
         tokens += res.tokens
         log.log({"kind": "train", "step": step, "loss": res.loss, "lr": lr, "tokens": tokens,
                  "grad_norm": res.grad_norm, "tokens_per_s": tokens / (time.perf_counter() - t0),
@@ -143,6 +163,18 @@ def train_model(cfg: DemoConfig, tokenizer, out: Path, progress: bool = True):
 
 def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     """Train, probe every mode at L, 2L, 4L, write the report; returns results + markdown."""
+    if cfg.seq_len < 96:
+        raise UserError(f"seq_len={cfg.seq_len}: the passkey template needs L >= 96 tokens")
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _run(cfg, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: DemoConfig, progress: bool) -> dict:
     from qwen25.checkpoint import save_model
     from qwen25.eval.filler import filler_pool
     from qwen25.eval.longctx import ProbeConfig, evaluate_retrieval
@@ -150,8 +182,6 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     from qwen25.model.context import extend_context
     from qwen25.tokenizer.train import train_tokenizer
 
-    if cfg.seq_len < 96:
-        raise UserError(f"seq_len={cfg.seq_len}: the passkey template needs L >= 96 tokens")
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -165,13 +195,17 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     tokenizer.save_pretrained(out / "model")
 
     L = cfg.seq_len
-    lengths = (L, 2 * L, 4 * L)
-    probe_cfg = ProbeConfig(lengths=lengths, depths=cfg.depths, trials=cfg.trials, scoring="both",
+    # A context of n tokens holds the prompt, the answer and the two tokens generated past it,
+    # so "at L" never reads a position the model was not trained on.
+    margin = len(tokenizer.encode(" 12345")) + 2
+    contexts = (L, 2 * L, 4 * L)
+    probe_cfg = ProbeConfig(lengths=tuple(n - margin for n in contexts), depths=cfg.depths, trials=cfg.trials, scoring="both",
                             filler="generated", seed=cfg.seed, batch_size=8)
     ppl_pool = filler_pool(tokenizer, "generated", min_tokens=4 * L * (cfg.ppl_sequences + 1),
                            seed=cfg.seed + 2)
     ppl_seqs = held_out_sequences(ppl_pool, 4 * L, cfg.ppl_sequences, cfg.seed)
-    results: dict = {"settings": asdict(cfg), "train_seconds": train_s, "modes": {}}
+    results: dict = {"settings": asdict(cfg), "train_seconds": train_s, "prompt_margin": margin,
+                     "modes": {}}
     t1 = time.perf_counter()
     for mode in MODES:
         rope, dca = _mode_overrides(mode, cfg)
@@ -179,10 +213,13 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
         r = evaluate_retrieval(model, tokenizer, "passkey", probe_cfg, progress=progress)
         bins = nll_by_position(model, ppl_seqs, bins=16, chunk=L, batch_size=cfg.ppl_sequences,
                                progress=False)
-        results["modes"][mode] = {"rope_scaling": rope, "dca": dca, "exact": r["exact"]["by_length"],
-                                  "ll": r["ll"]["by_length"], "grid_exact": r["exact"]["grid"],
-                                  "token_acc": _token_acc_by_length(r["records"]),
-                                  "loss_by_position": bins}
+        by_context = {str(n - margin): str(n) for n in contexts}  # prompt length -> context
+        results["modes"][mode] = {
+            "rope_scaling": rope, "dca": dca,
+            "exact": {by_context[k]: v for k, v in r["exact"]["by_length"].items()},
+            "ll": {by_context[k]: v for k, v in r["ll"]["by_length"].items()},
+            "token_acc": {by_context[k]: v for k, v in _token_acc_by_length(r["records"]).items()},
+            "grid_exact": r["exact"]["grid"], "loss_by_position": bins}
     results["eval_seconds"] = time.perf_counter() - t1
     extend_context(model, "none", "none")
     markdown = _report(results, L)
@@ -209,9 +246,12 @@ def _report(results: dict, L: int) -> str:
     lines = [f"# Long-context demo: trained at L = {L}, probed at L, 2L, 4L", "",
              f"Model: {s['layers']} layers x {s['hidden_size']} wide, {s['heads']} heads, RoPE base "
              f"{s['rope_theta']:g}, BPE vocabulary {s['vocab_size']}; {s['steps']} steps of "
-             f"{s['batch_size']} x {L} tokens ({results['train_seconds'] / 60:.1f} min). "
+             f"{s['batch_size']} x {L} tokens, answer tokens weighted x{s['answer_weight']:g} "
+             f"({results['train_seconds'] / 60:.1f} min on {s['threads'] or 'default'} thread(s)). "
              f"YaRN factor {s['yarn_factor']:g} over L; DCA chunk L, local window "
-             f"{s['dca_local'] or L // 8}. {len(s['depths'])} depths x {s['trials']} trials per cell.", ""]
+             f"{s['dca_local'] or L // 8}. A context of n tokens is a prompt of n - "
+             f"{results['prompt_margin']} tokens, the answer and two more generated tokens; "
+             f"{len(s['depths'])} depths x {s['trials']} trials per cell.", ""]
     for key, title in (("exact", "Passkey accuracy, greedy exact match (%)"),
                        ("ll", "Passkey accuracy, true answer is the argmax continuation (%)"),
                        ("token_acc", "Answer tokens that are the argmax (%)")):
