@@ -20,6 +20,19 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="float32, bfloat16 or auto (as saved; default)")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="prompt + reply tokens the KV cache holds (default: min(8192, the model's context))")
+    add_context_args(p)
+
+
+def add_context_args(p: argparse.ArgumentParser) -> None:
+    """--rope-scaling / --dca: extend the context at inference (qwen25.model.context)."""
+    g = p.add_argument_group("long context (default: as the checkpoint's config.json says)")
+    g.add_argument("--rope-scaling", metavar="TYPE:FACTOR",
+                   help="RoPE scaling over the trained length: yarn:4 (Qwen2.5's 4x), linear:F, "
+                        "dynamic:F, or none to drop the checkpoint's own")
+    g.add_argument("--dca", metavar="CHUNK:LOCAL[:ORIGINAL]",
+                   help="dual chunk attention: chunk size (the trained context), local window, and "
+                        "optionally the length past which attention is sharpened (the 1M models); "
+                        "none drops the checkpoint's own")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -60,9 +73,15 @@ def load_for_generation(args: argparse.Namespace, max_batch_size: int = 1):
     from qwen25.checkpoint import load_model
     from qwen25.engine import Engine
     from qwen25.errors import UserError
+    from qwen25.model.context import extend_context
     from qwen25.tokenizer import load_tokenizer
 
     model = load_model(args.model, dtype=args.dtype)
+    limit = extend_context(model, args.rope_scaling, args.dca)
+    if args.max_seq_len is not None and args.max_seq_len > limit:
+        raise UserError(f"--max-seq-len {args.max_seq_len} is longer than the model's context of "
+                        f"{limit} tokens; extend it with --rope-scaling yarn:FACTOR and/or --dca "
+                        "CHUNK:LOCAL, or lower --max-seq-len")
     try:
         tokenizer = load_tokenizer(args.tokenizer or args.model)
     except UserError as e:
@@ -72,7 +91,7 @@ def load_for_generation(args: argparse.Namespace, max_batch_size: int = 1):
     if len(tokenizer) > model.config.vocab_size:
         raise UserError(f"the tokenizer has {len(tokenizer)} tokens but the model only "
                         f"{model.config.vocab_size} embeddings; pass the matching --tokenizer")
-    max_seq_len = args.max_seq_len or min(8192, model.config.max_position_embeddings)
+    max_seq_len = args.max_seq_len or min(8192, limit)
     engine = Engine(model, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
     return model, tokenizer, engine
 

@@ -61,7 +61,14 @@ class ModelRunner:
         return ("fast" if self._isa == "avx512" else "portable") if self.fast is not None else "torch"
 
     def refresh(self) -> None:
-        """Rebind the C++ decoder if the model's parameter tensors were replaced."""
+        """Rebind the C++ decoder if the model's parameter tensors were replaced; leave it
+        if the model was switched to a config it cannot run (`set_rope` turning on DCA)."""
+        if self.model.config is not self.config:
+            self.config = self.model.config
+            if self.fast is not None:
+                self.fast_reason = unsupported_reason(self.model, self._isa)
+                if self.fast_reason is not None:
+                    self.fast = None
         if self.fast is not None and self.fast.stale():
             self.fast = FastDecoder(self.model, self.cache, self._isa, self.threads)
 

@@ -145,9 +145,12 @@ class Transformer(nn.Module):
         return self.inv_freq
 
     def set_rope(self, cfg: ModelConfig) -> None:
-        """Swap the RoPE parameters (base, scaling) for those of `cfg`; weights untouched."""
+        """Swap how positions are handled (RoPE base and scaling, dual chunk attention) for
+        that of `cfg`, a config of the same shapes; weights untouched."""
         self.config = cfg
         self.inv_freq, self.attention_scaling = rope_parameters(cfg)
+        for layer in self.model.layers:  # attention reads its DCA config from the module
+            layer.self_attn.dca = cfg.dual_chunk_attention
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
