@@ -61,7 +61,7 @@ def ours(cfg, args, device, micro_batches):
     opt = build_optimizer(model, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
     world = World(device=device)
     dtype = torch.bfloat16 if args.precision == "bf16" else None
-    loss_fn = lambda m, b: lm_loss(m, b, cfg)  # noqa: E731
+    loss_fn = lambda m, b: lm_loss(m, b, cfg, compiled=args.compile)  # noqa: E731
 
     def step():
         train_step(model, opt, micro_batches, loss_fn, lr=1e-4, world=world, grad_clip=1.0, autocast_dtype=dtype)
@@ -114,7 +114,7 @@ def main() -> None:
     p.add_argument("--micro-batch", type=int, default=8, help="sequences per forward pass")
     p.add_argument("--rounds", type=int, default=5, help="alternating timed rounds (one step each side)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocator)")
-    p.add_argument("--compile", action="store_true", help="torch.compile our decoder blocks")
+    p.add_argument("--compile", action="store_true", help="torch.compile our decoder blocks and loss")
     p.add_argument("--no-reference", action="store_true", help="skip transformers (e.g. MFU only, on a GPU)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", action="store_true")

@@ -66,7 +66,7 @@ class PretrainConfig:
     grad_clip: float = 1.0  # clip the global gradient norm to this (0: off)
     precision: str = "fp32"  # "fp32", or "bf16" autocast over float32 master weights
     activation_checkpointing: bool = False  # recompute block activations in backward (less memory)
-    compile: bool = False  # torch.compile each decoder block
+    compile: bool = False  # torch.compile each decoder block and the cross entropy
     parallel: str = "auto"  # "auto" (FSDP2 under torchrun), "fsdp", "ddp" or "none"
     device: str = "auto"  # "auto", "cpu" or "cuda"
     threads: int = 0  # CPU threads for torch (0: torch's default)

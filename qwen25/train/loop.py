@@ -43,9 +43,10 @@ class TrainingDiverged(RuntimeError):
 # --------------------------------------------------------------------------------------
 
 
-def lm_loss(model: nn.Module, batch: Batch, cfg: ModelConfig,
-            ce_chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(summed CE in nats, target count, MoE load-balancing loss or None) for one batch."""
+def lm_loss(model: nn.Module, batch: Batch, cfg: ModelConfig, ce_chunk: int | None = None,
+            compiled: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(summed CE in nats, target count, MoE load-balancing loss or None) for one batch.
+    compiled: the cross entropy through `torch.compile` (see `cross_entropy_sum`)."""
     ids, labels = batch["input_ids"], batch["labels"]
     positions = batch.get("position_ids")
     if cfg.is_moe:
@@ -54,7 +55,7 @@ def lm_loss(model: nn.Module, batch: Batch, cfg: ModelConfig,
         aux = load_balancing_loss(router_logits, cfg.num_experts, cfg.num_experts_per_tok, mask)
     else:
         logits, aux = model(ids, positions=positions), None
-    ce, count = cross_entropy_sum(logits, labels, ce_chunk)
+    ce, count = cross_entropy_sum(logits, labels, ce_chunk, compiled=compiled)
     return ce, count, aux
 
 

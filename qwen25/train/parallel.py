@@ -125,8 +125,8 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
 def apply_compile(model: nn.Module) -> None:
     """`torch.compile` each block in place (same module tree, same parameter names).
 
-    Blocks are identical, so one compiled graph serves them all; compiling the whole
-    model instead would also trace the embedding and the loss for little gain.
+    Blocks are identical, so one compiled graph serves them all. The loss is compiled on
+    its own (`lm_loss(..., compiled=True)`), where fusing the log-softmax pays most.
     """
     for block in model.model.layers:
         block.compile()

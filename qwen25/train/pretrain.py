@@ -207,7 +207,7 @@ def _pretrain(cfg: PretrainConfig, world: parallel.World, loader_factory: Loader
     peak = cfg.peak_flops or measure_matmul_flops(world.device, autocast or torch.float32)
     extra = [Path(cfg.tokenizer) / f for f in TOKENIZER_FILES] if cfg.tokenizer else []
     extra = [f for f in extra if f.exists()]
-    loss_fn = lambda m, b: lm_loss(m, b, inner.config, cfg.ce_chunk or None)  # noqa: E731
+    loss_fn = lambda m, b: lm_loss(m, b, inner.config, cfg.ce_chunk or None, compiled=cfg.compile)  # noqa: E731
     elapsed0, t_start = state.get("elapsed_s", 0.0), time.perf_counter()
     summary: dict[str, Any] = {"interrupted": None, "resumed_from": resume.step if resume else None}
 
