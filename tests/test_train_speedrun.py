@@ -53,8 +53,8 @@ def test_measure_rates_times_every_candidate(tmp_path):
     cfg = replace(sr.run_config(sr.CPU, tmp_path), batch_tokens=1024, seq_len=64,
                   model_overrides={**sr.CPU.pretrain.model_overrides, "vocab_size": 128, "hidden_size": 64,
                                    "intermediate_size": 96, "num_attention_heads": 2})
-    rates = sr.measure_rates(cfg, (("fp32", 4), ("bf16", 8)), tokenizer=None, rounds=1)
-    assert set(rates) == {"fp32/4", "bf16/8"} and all(r > 0 for r in rates.values())
+    rates = sr.measure_rates(cfg, (("fp32", 4), ("bf16", 8), ("bf16", 8, "compile")), tokenizer=None, rounds=1)
+    assert set(rates) == {"fp32/4", "bf16/8", "bf16/8/compile"} and all(r > 0 for r in rates.values())
 
 
 def test_a_paused_run_continued_under_a_longer_plan_equals_that_plan_run_straight(tmp_path):

@@ -73,8 +73,9 @@ def write_report(out: Path, prof, cfg: PretrainConfig, summary: dict[str, Any], 
         lines += [f"Budget: {_fmt_s(prof.budget_s)} for the whole run, set-up included.", ""]
     if plan:
         rates = ", ".join(f"{k}: {v:,.0f}" for k, v in plan["rates_tokens_per_s"].items())
-        lines += [f"Plan: timed on this machine before training (tokens/s by precision/micro-batch: "
-                  f"{rates}), {plan['precision']} with micro-batches of {plan['micro_batch']} was chosen; "
+        lines += [f"Plan: timed on this machine before training (tokens/s by precision/micro-batch[/compile]: "
+                  f"{rates}), {plan['precision']} with micro-batches of {plan['micro_batch']}"
+                  f"{' and torch.compile' if plan.get('compile') else ''} was chosen; "
                   f"after the first steps ran at {plan.get('measured_tokens_per_s', 0):,.0f} tokens/s with "
                   f"{_fmt_s(plan.get('seconds_left', 0))} left, the run was set to "
                   f"{' + '.join(map(str, plan['steps']))} steps ({plan.get('tokens', 0):,} tokens).", ""]

@@ -43,7 +43,8 @@ class Profile:
     budget_s: float | None = None  # wall-clock budget of the whole run; None: train the stages' steps
     max_tokens: int = 0  # with a budget: never plan more training tokens than this
     stage_shares: tuple[float, ...] = ()  # with a budget: share of the steps each stage gets
-    candidates: tuple[tuple[str, int], ...] = ()  # with a budget: (precision, micro_batch) timed to pick the fastest
+    # with a budget: (precision, micro_batch[, "compile"]) timed to pick the fastest
+    candidates: tuple[tuple, ...] = ()
     sources: tuple[str, ...] = ()  # built-in sources to prepare (empty: all of them)
     notes: str = ""  # why these numbers, for the report
     sample_prompts: tuple[str, ...] = ("ROMEO:", "def fibonacci(n):", "Question:")
@@ -62,11 +63,11 @@ MIX = {"literature": 0.75, "code": 0.125, "math": 0.125}
 # Micro-batches of 8 sequences train faster than 32 on a CPU (the activations stay in cache).
 CPU = Profile(
     name="cpu", vocab_size=8192, tokenizer_chars=8_000_000, budget_s=20 * 60, max_tokens=6_000_000,
-    stage_shares=(0.85, 0.15), candidates=(("fp32", 8), ("bf16", 8)),
+    stage_shares=(0.85, 0.15), candidates=(("fp32", 8), ("bf16", 8), ("bf16", 8, "compile")),
     notes="4 layers x 192 wide (1.7M non-embedding parameters), 8,192-token vocabulary, global batch "
           "8,192 tokens. The step count is planned from a throughput measurement on this machine so "
-          "the whole run fits its 20-minute budget; precision and micro-batch are the fastest of the "
-          "timed candidates.",
+          "the whole run fits its 20-minute budget; precision, micro-batch and torch.compile (of the "
+          "blocks and the loss) are the fastest of the timed candidates.",
     pretrain=PretrainConfig(
         model="small",
         model_overrides={"hidden_size": 192, "intermediate_size": 576, "num_hidden_layers": 4,
@@ -201,24 +202,30 @@ PROBE_STEPS = 40  # steps trained before the final plan (inside warmup + constan
 
 
 def measure_rates(cfg: PretrainConfig, candidates, tokenizer, rounds: int = 2) -> dict[str, float]:
-    """Training tokens/s of the run's model per (precision, micro_batch), on random tokens.
+    """Training tokens/s of the run's model per candidate, on random tokens; keys
+    "precision/micro_batch[/compile]".
 
     Candidates alternate step by step and each keeps its fastest step, so a burst of load
-    from other processes does not decide the choice.
+    from other processes does not decide the choice. The untimed first round also compiles;
+    a compile candidate whose compilation fails (no working C++ toolchain, say) is dropped
+    with a note, so the run goes on eagerly.
     """
     import torch
 
     from qwen25.model.model import build_model
     from qwen25.train.loop import lm_loss, train_step
     from qwen25.train.optim import build_optimizer
-    from qwen25.train.parallel import World
+    from qwen25.train.parallel import World, apply_compile
     from qwen25.train.pretrain import base_model_config
 
     mc = base_model_config(cfg, tokenizer)
     T, g = cfg.seq_len, torch.Generator().manual_seed(0)
     steps = {}
-    for precision, mb in candidates:
+    for precision, mb, *options in candidates:
+        compiled = "compile" in options
         model = build_model(mc, seed=0)
+        if compiled:
+            apply_compile(model)
         opt = build_optimizer(model, cfg.lr)
         micro = []
         for _ in range(cfg.batch_tokens // (T * mb)):
@@ -226,14 +233,24 @@ def measure_rates(cfg: PretrainConfig, candidates, tokenizer, rounds: int = 2) -
             micro.append({"input_ids": ids[:, :-1], "labels": ids[:, 1:].contiguous(),
                           "position_ids": torch.arange(T).expand(mb, T)})
         dtype = torch.bfloat16 if precision == "bf16" else None
-        steps[f"{precision}/{mb}"] = (lambda model=model, opt=opt, micro=micro, dtype=dtype: train_step(
-            model, opt, micro, lambda m, b: lm_loss(m, b, mc), lr=cfg.lr, world=World(), autocast_dtype=dtype))
+        steps["/".join([precision, str(mb), *options])] = (
+            lambda model=model, opt=opt, micro=micro, dtype=dtype, compiled=compiled: train_step(
+                model, opt, micro, lambda m, b: lm_loss(m, b, mc, compiled=compiled), lr=cfg.lr, world=World(),
+                autocast_dtype=dtype))
     best = {k: float("inf") for k in steps}
     for r in range(rounds + 1):
-        for k, step in steps.items():
+        for k, step in list(steps.items()):
             t0 = time.perf_counter()
-            step()
-            if r:  # round 0 warms up
+            try:
+                step()
+            except Exception as e:  # noqa: BLE001 - only a compile candidate's warm-up is forgiven
+                if r or not k.endswith("/compile"):
+                    raise
+                print(f"timing: dropped {k}, torch.compile failed ({type(e).__name__}: {str(e)[:200]})",
+                      flush=True)
+                del steps[k], best[k]
+                continue
+            if r:  # round 0 warms up (and compiles)
                 best[k] = min(best[k], time.perf_counter() - t0)
     return {k: cfg.batch_tokens / t for k, t in best.items()}
 
@@ -255,7 +272,8 @@ def apply_plan(cfg: PretrainConfig, p: dict[str, Any]) -> PretrainConfig:
     for stage, steps in zip(cfg.stages, p["steps"]):
         T = stage.seq_len or cfg.seq_len
         stages.append(replace(stage, steps=steps, micro_batch=max(1, p["micro_batch"] * cfg.seq_len // T)))
-    return replace(cfg, precision=p["precision"], micro_batch=p["micro_batch"], stages=tuple(stages))
+    return replace(cfg, precision=p["precision"], micro_batch=p["micro_batch"],
+                   compile=p.get("compile", cfg.compile), stages=tuple(stages))
 
 
 def _save_plan(path: Path, p: dict[str, Any]) -> None:
@@ -333,7 +351,8 @@ def speedrun(out: str | Path = "runs/speedrun", profile_name: str = "cpu",
                 rates = measure_rates(cfg, prof.candidates, load_tokenizer(str(tok_dir)))
                 best = max(rates, key=rates.get)
                 left = prof.budget_s - sum(timings.seconds.values())
-                run_plan = {"precision": best.split("/")[0], "micro_batch": int(best.split("/")[1]),
+                precision, mb, *options = best.split("/")
+                run_plan = {"precision": precision, "micro_batch": int(mb), "compile": "compile" in options,
                             "rates_tokens_per_s": rates, "final": False,
                             "steps": plan_steps(prof, cfg, rates[best], left)}
             _save_plan(path, run_plan)
@@ -350,7 +369,8 @@ def speedrun(out: str | Path = "runs/speedrun", profile_name: str = "cpu",
             run_plan["tokens"] = sum(run_plan["steps"]) * cfg.batch_tokens
             _save_plan(path, run_plan)
         print(f"plan: {run_plan['steps']} steps ({run_plan['tokens']:,} tokens) in "
-              f"{run_plan['precision']} with micro-batches of {run_plan['micro_batch']}", flush=True)
+              f"{run_plan['precision']} with micro-batches of {run_plan['micro_batch']}"
+              f"{' + torch.compile' if run_plan.get('compile') else ''}", flush=True)
         cfg = apply_plan(cfg, run_plan)
     with timings.phase("pretrain"):
         summary = pretrain(cfg)
