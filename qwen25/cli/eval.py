@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from qwen25.cli.config_args import add_config_arguments, config_from_args
-from qwen25.cli.generate import add_context_args
+from qwen25.cli.generate import add_context_args, load_model_and_tokenizer
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -51,19 +51,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def _load(args: argparse.Namespace):
     """(model, tokenizer, context limit, title) with the context overrides applied."""
-    from qwen25.checkpoint import load_model
-    from qwen25.errors import UserError
-    from qwen25.model.context import extend_context
-    from qwen25.tokenizer import load_tokenizer
-
-    model = load_model(args.model, dtype=args.dtype)
-    limit = extend_context(model, args.rope_scaling, args.dca)
-    try:
-        tokenizer = load_tokenizer(args.tokenizer or args.model)
-    except UserError as e:
-        if args.tokenizer:
-            raise
-        raise UserError(f"{e} (a folder without tokenizer files can use --tokenizer qwen2.5)") from None
+    model, tokenizer, limit = load_model_and_tokenizer(args)
     parts = [Path(args.model).name or str(args.model)]
     if args.rope_scaling:
         parts.append(f"rope {args.rope_scaling}")

@@ -65,23 +65,17 @@ def sampling_from_args(args: argparse.Namespace, model) -> dict:
     return sampling
 
 
-def load_for_generation(args: argparse.Namespace, max_batch_size: int = 1):
-    """(model, tokenizer, engine) for the CLI verbs; bad paths raise UserError."""
-    # Weights in 2 MiB pages from the start (decoding streams them; see engine/hugepages.py).
-    # torch reads this once, at its first large allocation: before the model is loaded.
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+def load_model_and_tokenizer(args: argparse.Namespace):
+    """(model, tokenizer, context limit) for the verbs that run a checkpoint: the model with
+    --rope-scaling / --dca applied, and its tokenizer (or --tokenizer); bad input raises
+    UserError."""
     from qwen25.checkpoint import load_model
-    from qwen25.engine import Engine
     from qwen25.errors import UserError
     from qwen25.model.context import extend_context
     from qwen25.tokenizer import load_tokenizer
 
     model = load_model(args.model, dtype=args.dtype)
     limit = extend_context(model, args.rope_scaling, args.dca)
-    if args.max_seq_len is not None and args.max_seq_len > limit:
-        raise UserError(f"--max-seq-len {args.max_seq_len} is longer than the model's context of "
-                        f"{limit} tokens; extend it with --rope-scaling yarn:FACTOR and/or --dca "
-                        "CHUNK:LOCAL, or lower --max-seq-len")
     try:
         tokenizer = load_tokenizer(args.tokenizer or args.model)
     except UserError as e:
@@ -91,6 +85,22 @@ def load_for_generation(args: argparse.Namespace, max_batch_size: int = 1):
     if len(tokenizer) > model.config.vocab_size:
         raise UserError(f"the tokenizer has {len(tokenizer)} tokens but the model only "
                         f"{model.config.vocab_size} embeddings; pass the matching --tokenizer")
+    return model, tokenizer, limit
+
+
+def load_for_generation(args: argparse.Namespace, max_batch_size: int = 1):
+    """(model, tokenizer, engine) for the CLI verbs; bad paths raise UserError."""
+    # Weights in 2 MiB pages from the start (decoding streams them; see engine/hugepages.py).
+    # torch reads this once, at its first large allocation: before the model is loaded.
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    from qwen25.engine import Engine
+    from qwen25.errors import UserError
+
+    model, tokenizer, limit = load_model_and_tokenizer(args)
+    if args.max_seq_len is not None and args.max_seq_len > limit:
+        raise UserError(f"--max-seq-len {args.max_seq_len} is longer than the model's context of "
+                        f"{limit} tokens; extend it with --rope-scaling yarn:FACTOR and/or --dca "
+                        "CHUNK:LOCAL, or lower --max-seq-len")
     max_seq_len = args.max_seq_len or min(8192, limit)
     engine = Engine(model, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
     return model, tokenizer, engine

@@ -21,7 +21,7 @@ import argparse
 import os
 import sys
 
-from qwen25.cli.generate import add_model_args
+from qwen25.cli.generate import add_model_args, load_model_and_tokenizer
 
 DEFAULT_BATCH = 16
 CACHE_MEMORY_SHARE = 0.25  # the default context keeps the KV cache under this share of RAM
@@ -113,26 +113,14 @@ def _memory_bytes() -> int:
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # weights in 2 MiB pages (see engine/hugepages.py)
-    from qwen25.checkpoint import load_model
     from qwen25.engine import Engine
     from qwen25.errors import UserError
     from qwen25.serve import ServerConfig, ServerState, run as serve
-    from qwen25.tokenizer import load_tokenizer
 
     for name in ("max_batch_size", "max_queue", "prefill_chunk", "port"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be a positive integer")
-    model = load_model(args.model, dtype=args.dtype)
-    limit = extend_context(model, args.rope_scaling, args.dca)
-    try:
-        tokenizer = load_tokenizer(args.tokenizer or args.model)
-    except UserError as e:
-        if args.tokenizer:
-            raise
-        raise UserError(f"{e} (a folder without tokenizer files can use --tokenizer qwen2.5)") from None
-    if len(tokenizer) > model.config.vocab_size:
-        raise UserError(f"the tokenizer has {len(tokenizer)} tokens but the model only "
-                        f"{model.config.vocab_size} embeddings; pass the matching --tokenizer")
+    model, tokenizer, limit = load_model_and_tokenizer(args)
     per_token = kv_bytes_per_token(model.config, model.dtype.itemsize)
     if args.max_seq_len is not None:
         if args.max_seq_len > limit and model.config.dual_chunk_attention is None:
