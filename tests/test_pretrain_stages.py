@@ -106,3 +106,28 @@ def test_compiled_run_follows_the_eager_run_through_both_stages(tmp_path, manife
     assert len(eager) == len(compiled) == 9
     np.testing.assert_allclose(compiled, eager, rtol=1e-4)
     assert (tmp_path / "compiled" / "final" / "config.json").is_file()
+
+
+def test_a_held_out_set_smaller_than_one_micro_batch_is_still_scored(tmp_path, manifest):
+    """2,000 held-out tokens, micro-batches of 64 x 64 = 4,096: the evaluation falls back to
+    one sequence at a time (it used to divide by zero tokens). Reference: the loss over the
+    same held-out rows recomputed from the saved model with F.cross_entropy, rtol 1e-5."""
+    from pathlib import Path
+
+    import torch.nn.functional as F
+
+    cfg = PretrainConfig(
+        out=str(tmp_path / "run"), model="tiny", model_overrides={"vocab_size": 80}, data=manifest,
+        seq_len=64, batch_tokens=4096, micro_batch=64, lr=1e-3, warmup_steps=1, eval_every=0,
+        eval_tokens=0, checkpoint_every=0, peak_flops=1e12, stages=(Stage("short", steps=1),))
+    r = pretrain(cfg, loader_factory=fake_factory)["eval"]["all"]
+    meta = json.loads(Path(manifest).read_text())
+    val = torch.from_numpy(np.load(Path(manifest).parent / meta["val"]).astype(np.int64))
+    rows = (len(val) - 1) // 64  # the fake loader's rows: T + 1 tokens starting every T
+    ids = torch.stack([val[i * 64:i * 64 + 65] for i in range(rows)])
+    assert rows < 64 and r["tokens"] == rows * 64
+    assert r["bpb"] is not None and np.isfinite(r["bpb"])
+    model = load_model(tmp_path / "run" / "final", dtype=torch.float32)
+    with torch.no_grad():
+        ref = F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+    assert r["loss"] == pytest.approx(float(ref), rel=1e-5)

@@ -24,7 +24,9 @@ class ArrayLoader:
         self.seq_len, self.batch_size = seq_len, batch_size
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
         self.n_seq = (len(tokens) - 1) // seq_len
-        assert self.n_seq >= batch_size * world_size, "corpus too small for one global batch"
+        # Like PackedLoader: a finite pass over too little data yields no batch; an endless one
+        # (training) must have a batch to repeat.
+        assert epochs is not None or self.n_seq >= batch_size * world_size, "corpus too small for one global batch"
         self.epoch, self.cursor = 0, 0
         self.bytes_per_token, self.epochs = bytes_per_token, epochs
 

@@ -328,16 +328,21 @@ def _evaluate_all(cfg, model, loss_fn, world, loader_factory, T, mb, autocast, s
     """Held-out loss and bits per byte on each eval set (the same batches every time)."""
     results = {}
     for name in cfg.eval_sets:
-        loader = loader_factory(cfg.data, split="val", seq_len=T, batch_size=mb, world=world, seed=0,
-                                shuffle=False, sources=None if name == "all" else [name], epochs=1,
-                                reset_position_ids=cfg.reset_position_ids)
-        limit = max(1, cfg.eval_tokens // (T * mb * world.world_size)) if cfg.eval_tokens else None
-        batches = (to_device(b, world.device) for b in itertools.islice(loader, limit))
-        r = evaluate(model, batches, loss_fn, world, autocast, stop)
+        # Full micro-batches only (every rank takes the same steps); a held-out set smaller
+        # than one micro-batch is scored a sequence at a time instead of not at all.
+        for batch_size in dict.fromkeys((mb, 1)):
+            loader = loader_factory(cfg.data, split="val", seq_len=T, batch_size=batch_size, world=world,
+                                    seed=0, shuffle=False, sources=None if name == "all" else [name],
+                                    epochs=1, reset_position_ids=cfg.reset_position_ids)
+            limit = max(1, cfg.eval_tokens // (T * batch_size * world.world_size)) if cfg.eval_tokens else None
+            batches = (to_device(b, world.device) for b in itertools.islice(loader, limit))
+            r = evaluate(model, batches, loss_fn, world, autocast, stop)
+            if r["tokens"] or stop.requested:
+                break
         if stop.requested:  # cut short by a signal: a partial evaluation is not a result
             break
         bpt = getattr(loader, "bytes_per_token", None)
-        r["bpb"] = bits_per_byte(r["loss_sum"], r["tokens"] * bpt) if bpt else None
+        r["bpb"] = bits_per_byte(r["loss_sum"], r["tokens"] * bpt) if bpt and r["tokens"] else None
         results[name] = r
         if log is not None:
             log.log({"kind": "eval", "step": step, "tokens": tokens, "split": name, "loss": r["loss"],
