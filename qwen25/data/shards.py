@@ -190,11 +190,3 @@ def documents(bin_path: Path, idx_path: Path):
     for end, _ in idx.tolist():
         yield tokens[start:end - 1]
         start = end
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from qwen25.data.config import SourceConfig
 from qwen25.errors import UserError
+from qwen25.files import sha256_file
 
 # File extension -> programming language (documents get kind "code").
 CODE_LANGUAGES = {
@@ -310,12 +311,4 @@ def _read_parquet(src, path, rel, fmt, skip, stats, strict):
         except ArrowException as e:
             raise OSError(str(e)) from None
     stats.bytes_read += path.stat().st_size
-    stats.add_file(rel, path.stat().st_size, _sha256_file(path))
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    stats.add_file(rel, path.stat().st_size, sha256_file(path))

@@ -30,7 +30,6 @@ tensors go through safetensors, everything else through JSON.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -46,6 +45,7 @@ from qwen25.checkpoint import save_model
 from qwen25.config import ModelConfig
 from qwen25.errors import UserError
 from qwen25.model.model import Transformer
+from qwen25.files import sha256_file
 
 COMPLETE = "COMPLETE.json"
 STATE_DIR = "trainer_state"
@@ -116,7 +116,7 @@ def save_checkpoint(root: str | Path, step: int, *, model_state: dict[str, torch
     manifest = {"step": step, "files": {}}
     for p in files:
         _fsync_file(p)
-        manifest["files"][str(p.relative_to(tmp))] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        manifest["files"][str(p.relative_to(tmp))] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
     (tmp / COMPLETE).write_text(json.dumps(manifest, indent=1))
     _fsync_file(tmp / COMPLETE)
     _fsync_dir(state_dir)
@@ -189,13 +189,6 @@ def _fsync_dir(path: Path) -> None:
     finally:
         os.close(fd)
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------
