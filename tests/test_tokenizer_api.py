@@ -16,7 +16,7 @@ from test_tokenizer_support import (SPEC_CONTROL, auto_tokenizer, builtin, expor
 from qwen25 import load_tokenizer as lazy_load_tokenizer
 from qwen25.errors import UserError
 from qwen25.tokenizer import Tokenizer, TokenizerFileError, load_tokenizer
-from qwen25.tokenizer.engine import HFEngine, TiktokenEngine
+from qwen25.tokenizer.bpe import HFEngine, TiktokenEngine
 
 VOCAB = 151_665
 # Ids biased toward byte tokens (which split characters) and control tokens, plus unknown ids.

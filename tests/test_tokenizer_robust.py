@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from test_tokenizer_support import builtin, hf_plain, tiktoken_reference
 
 from qwen25.errors import UserError
-from qwen25.tokenizer.engine import _BLANK, _SAMPLE, _long_blank_runs
+from qwen25.tokenizer.bpe import _BLANK, _SAMPLE, _long_blank_runs
 
 MB = 1_000_000
 pytestmark = pytest.mark.timeout(300)

@@ -18,7 +18,7 @@ from qwen25.cli import main
 from qwen25.errors import UserError
 from qwen25.tokenizer import load_tokenizer
 from qwen25.tokenizer.bytelevel import derive_merges, str_to_token, token_to_str
-from qwen25.tokenizer.engine import HFEngine
+from qwen25.tokenizer.bpe import HFEngine
 from qwen25.tokenizer.train import train_tokenizer
 
 VOCAB_SIZE = 3000

@@ -6,7 +6,7 @@
     tok = load_tokenizer("path/to/hf_folder")  # tokenizer.json or vocab.json + merges.txt
 
 Modules: `qwen` (vocabulary facts and package data), `bytelevel` (byte<->character map,
-merges from ranks), `engine` (tiktoken / HF tokenizers encoding), `core` (`Tokenizer`),
+merges from ranks), `bpe` (the tiktoken / HF tokenizers encoding backends), `core` (`Tokenizer`),
 `hf` (HF folders in and out), `train` (new vocabularies).
 """
 

@@ -20,7 +20,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from qwen25.tokenizer.bytelevel import token_to_str
-from qwen25.tokenizer.engine import check_text, default_threads
+from qwen25.tokenizer.bpe import check_text, default_threads
 
 if TYPE_CHECKING:
     from pathlib import Path

@@ -4,7 +4,7 @@ A folder holds `tokenizer.json` (or the slow pair `vocab.json` + `merges.txt`) a
 `tokenizer_config.json` (eos/pad/bos, `added_tokens_decoder`, `chat_template`); newer
 transformers also write the template to `chat_template.jinja`, which wins when present.
 
-Engine choice (see engine.py): a folder whose pipeline is Qwen's (NFC, the Qwen regex,
+Engine choice (see bpe.py): a folder whose pipeline is Qwen's (NFC, the Qwen regex,
 byte-level BPE) and whose vocabulary and merges hash to the official Qwen2 ones is encoded
 by tiktoken over the built-in ranks; anything else by HF `tokenizers` itself.
 """
@@ -22,7 +22,7 @@ from qwen25.files import atomic_write
 from qwen25.tokenizer import qwen
 from qwen25.tokenizer.bytelevel import derive_merges, str_to_token, token_to_str
 from qwen25.tokenizer.core import AddedToken, Tokenizer
-from qwen25.tokenizer.engine import HFEngine, TiktokenEngine
+from qwen25.tokenizer.bpe import HFEngine, TiktokenEngine
 
 BUILTIN_NAMES = ("qwen2.5",)
 

@@ -7,7 +7,7 @@ tokens, so a vocabulary of `vocab_size` ids has `vocab_size - 22` regular tokens
 
 The result is an HF folder (tokenizer.json, vocab.json, merges.txt, tokenizer_config.json
 with the Qwen2.5 chat template) that `load_tokenizer` and `transformers.AutoTokenizer`
-load. Such vocabularies are encoded by HF `tokenizers` (see engine.py for why not tiktoken).
+load. Such vocabularies are encoded by HF `tokenizers` (see bpe.py for why not tiktoken).
 """
 
 from __future__ import annotations

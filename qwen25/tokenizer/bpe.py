@@ -1,4 +1,4 @@
-"""Encoding engines: plain text (no control tokens) -> regular token ids.
+"""BPE encoding backends: plain text (no control tokens) -> regular token ids.
 
 Two engines sit behind `Tokenizer`, both with `encode(text)` and `encode_batch(texts, n)`:
 
