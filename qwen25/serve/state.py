@@ -55,13 +55,18 @@ class ServerState:
             self.worker = EngineWorker(self.engine, self.tokenizer, self.metrics, self.config.max_queue)
         model = self.engine.model
         self.defaults = sampling_defaults(model)  # generation_config.json: temperature, top_p, ...
-        self.max_model_len = self.engine.max_seq_len
         # Stop on the checkpoint's eos ids and on the tokenizer's end tokens (<|im_end|>,
         # <|endoftext|>): a chat reply must end at <|im_end|> even when a folder has no
         # generation_config.json.
         self.stop_ids = tuple(sorted(set(default_stop_ids(model)) | set(self.tokenizer.stop_token_ids)))
         self.fingerprint = f"fp_qwen25_{self.engine.decode_path}"
         self.texts = TokenTexts(self.tokenizer)
+
+    @property
+    def max_model_len(self) -> int:
+        """Prompt + generated tokens a request may use: the engine's context, which the CLI
+        chose with `qwen25.model.context.engine_context` (one number, one owner)."""
+        return self.engine.max_seq_len
 
     def resolve_model(self, name: str | None) -> str:
         if name is not None and name != self.config.served_model_name:
