@@ -49,7 +49,7 @@ def sampling_defaults(model) -> dict:
 
 def text_completion(sub: Submission, i: int) -> TextCompletion:
     """Sample i of a finished submission as a TextCompletion."""
-    return TextCompletion(sub.text(i), sub.finish_reason(i) or "stop", list(sub.request.outputs[i].tokens),
+    return TextCompletion(sub.text(i), sub.finish_reason(i) or "stop", list(sub.tokens(i)),
                           len(sub.prompt))
 
 
