@@ -7,9 +7,10 @@ Three kinds, interleaved in a seeded order (`builtin_rows(split, n)`):
   "The final answer is $\\boxed{N}$." (the Qwen2.5-Math convention the eval scorers read);
 - instruction following: a math question with one or two verifiable constraints from the
   IFEval catalogue (all lowercase, no commas, a fixed ending phrase, a title in << >>, a
-  postscript, quotation marks, capitals), the reply built to satisfy them. The prompts
-  are our own wording; `tests/test_sft_data.py` checks every reply with `if-verifiable`'s
-  IFEval checkers;
+  postscript, quotation marks), the reply built to satisfy them. The prompts are our own
+  wording; `tests/test_sft_data.py` checks every reply with `if-verifiable`'s IFEval
+  checkers. (The all-capitals constraint is left out: that checker's language detector
+  calls capitalised arithmetic non-English.);
 - tool use: the ToolTalk conversations of `nvidia-tooltalk` (MIT; read as JSON files from
   the installed wheel, never imported), with every gold API call as an OpenAI tool call,
   its result as a tool message and the tool schemas inferred from the calls. Conversations
@@ -65,7 +66,6 @@ def math_row(split: str, i: int, p: dict | None = None) -> dict:
 ENDINGS = ("Let me know if anything is unclear.", "Hope this helps.", "That is all.")
 CONSTRAINTS: dict[str, tuple[str, Any]] = {
     "change_case:english_lowercase": ("Write your whole reply in lowercase letters only.", None),
-    "change_case:english_capital": ("Use only capital letters in your reply.", None),
     "punctuation:no_comma": ("Do not use any commas.", None),
     "startend:end_checker": ("Finish your reply with the exact phrase \"{end_phrase}\"", "end_phrase"),
     "startend:quotation": ("Put your entire reply inside double quotation marks.", None),
@@ -78,8 +78,6 @@ _COMPATIBLE_LAST = ("startend:end_checker", "detectable_content:postscript", "st
 def _apply(cid: str, text: str, kw: dict) -> str:
     if cid == "change_case:english_lowercase":
         return text.lower()
-    if cid == "change_case:english_capital":
-        return text.upper()
     if cid == "punctuation:no_comma":
         return text.replace(",", "")
     if cid == "startend:end_checker":
