@@ -94,15 +94,16 @@ def _none_or(tp):
     return parse
 
 
-def config_from_args(cls: type, args: argparse.Namespace) -> Any:
-    """Defaults, then the --config file, then flags, then --set; validated into `cls`."""
+def config_from_args(cls: type, args: argparse.Namespace, defaults: Any = None) -> Any:
+    """Defaults (`cls()`, or the instance `defaults`, e.g. a profile), then the --config
+    file, then flags, then --set; validated into `cls`."""
     data: dict[str, Any] = {}
     if args.config:
         data = read_config_file(args.config)
     for f in dataclasses.fields(cls):
         if f.name in vars(args):
             data[f.name] = getattr(args, f.name)
-    base = json.loads(json.dumps(dataclasses.asdict(cls())))
+    base = json.loads(json.dumps(dataclasses.asdict(cls() if defaults is None else defaults)))
     data = {**base, **data}
     for item in args.set or []:
         key, sep, raw = item.partition("=")

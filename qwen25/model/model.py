@@ -79,16 +79,23 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 kv_cache=None, attention_mask: torch.Tensor | None = None,
-                output_router_logits: bool = False):
+                output_router_logits: bool = False, logits_at: torch.Tensor | None = None):
         """input_ids [B, T] -> logits [B, T, vocab] (in the weights' dtype).
 
         positions [B, T]: defaults to 0..T-1, or past the cached length with a `kv_cache`, or
           the count of real tokens before each one when `attention_mask` is given (so a
           left-padded row gives the same logits as the unpadded sequence).
-        attention_mask [B, T]: 1 for real tokens, 0 for padding (HF convention; no cache).
+        attention_mask [B, T]: 1 for real tokens, 0 for padding (HF convention; no cache);
+          or bool [B, 1, T, T], True where query t may attend to key s, used as given (HF's
+          custom 4-D mask; packed rows pass a block-diagonal causal mask with `positions`).
         output_router_logits: also return the per-MoE-layer router logits (for the aux loss).
+        logits_at: bool [B, T]: compute the logits of these positions only, as [N, vocab] in
+          row-major order (HF's `logits_to_keep`, per row): an SFT loss needs the head on the
+          assistant tokens alone, and the head is the largest matmul of a small model.
         """
         h, router_logits = self.hidden_states(input_ids, positions, kv_cache, attention_mask)
+        if logits_at is not None:
+            h = h[logits_at]
         logits = self.lm_head(h)
         return (logits, router_logits) if output_router_logits else logits
 
@@ -106,8 +113,11 @@ class Transformer(nn.Module):
             if self.config.dual_chunk_attention is not None:
                 raise ValueError("dual chunk attention does not take a padding mask; run rows "
                                  "separately or through a KVCache")
-            mask, pad_positions = padding_mask(attention_mask)
-            positions = pad_positions if positions is None else positions
+            if attention_mask.dim() == 4:
+                mask = attention_mask.bool()
+            else:
+                mask, pad_positions = padding_mask(attention_mask)
+                positions = pad_positions if positions is None else positions
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         x = self.model.embed_tokens(input_ids)

@@ -27,7 +27,8 @@ What the harness does, so that no stage does it again:
 - `Run(...)`: finds the newest complete checkpoint under OUT/checkpoints (`run.resume`,
   its trainer state in `run.state`, `run.step` / `run.tokens` restored), removes temporaries
   of a killed save, writes OUT/config.json, cuts metrics.jsonl back to the resumed step.
-- `attach`: restores AdamW moments, every rank's RNG state and the spike guard on resume.
+- `attach`: restores AdamW moments, every rank's RNG state and the spike guard on resume
+  (a fresh run seeds torch's generators from `settings.seed` and the rank instead).
 - `train(n_steps, ...)`: the step loop. Stops at a step boundary on SIGTERM/SIGINT (agreed
   by all ranks; `summary["interrupted"]`) or at `stop_after_step` (`summary["paused"]`);
   one `train_step` per step (loss functions follow `qwen25.train.loop.LossFn`); logs a
@@ -82,6 +83,7 @@ class RunSettings:
     sample_every: int = 0  # steps between sample generations (0: only in `finish`)
     log_every: int = 10  # steps between plain progress lines when stderr is not a terminal
     stop_after_step: int = 0  # pause: checkpoint and return after this global step (0: never)
+    seed: int = 0  # a fresh run seeds torch's generators with seed + rank (dropout draws from them)
 
     @classmethod
     def of(cls, cfg: Any) -> RunSettings:
@@ -141,7 +143,9 @@ class Run:
         files = [Path(f) for f in extra_files]
         if self._weights is None:
             self._weights = lambda: (parallel.full_model_state(self.model), self.inner.config, files)
-        if self.resume is not None:
+        if self.resume is None:
+            torch.manual_seed(self.settings.seed + self.world.rank)
+        else:
             parallel.load_full_optimizer_state(model, optimizer, ckpt_io.load_optimizer_state(self.resume))
             ckpt_io.set_rng_state(ckpt_io.load_rng_state(self.resume, self.world.rank), self.world.device)
             if guard is not None and "guard" in self.state:
