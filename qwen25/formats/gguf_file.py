@@ -68,13 +68,31 @@ class GGUFFile:
         return {t.name: t for t in self.reader.tensors}
 
 
+# The last file opened, keyed by (path, size, mtime): `load_model` and `load_tokenizer` on
+# the same file parse its header once (gguf's reader takes seconds on a 150k-token vocab).
+_LAST: dict[tuple, GGUFFile] = {}
+
+
 def open_gguf(path: str | os.PathLike) -> GGUFFile:
     """Open and check a GGUF file's header; raise GGUFError with a fix for a bad one."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError:
+        raise GGUFError(f"{p}: no such GGUF file") from None
+    if not p.is_file():
+        raise GGUFError(f"{p}: is not a file; pass a .gguf model file")
+    ident = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if ident not in _LAST:
+        g = _open(p)
+        _LAST.clear()
+        _LAST[ident] = g
+    return _LAST[ident]
+
+
+def _open(p: Path) -> GGUFFile:
     from gguf import GGUFReader
 
-    p = Path(path)
-    if not p.is_file():
-        raise GGUFError(f"{p}: no such GGUF file")
     try:
         with open(p, "rb") as f:
             head = f.read(4)
