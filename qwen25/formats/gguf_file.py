@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from qwen25.errors import UserError
-from qwen25.formats import gguf_names as names
+import qwen25.formats.gguf_names as names
 
 MAGIC = b"GGUF"
 

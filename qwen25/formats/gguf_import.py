@@ -31,7 +31,7 @@ import torch
 
 from qwen25.checkpoint import _destination, checkpoint_shapes, resolve_dtype, save_model
 from qwen25.config import ConfigError, ModelConfig, RopeScaling
-from qwen25.formats import gguf_names as names
+import qwen25.formats.gguf_names as names
 from qwen25.formats.gguf_file import GGUFError, GGUFFile, open_gguf
 from qwen25.model.model import Transformer, build_model
 
@@ -281,7 +281,8 @@ def convert_gguf(path: str | os.PathLike, out: str | os.PathLike,
     with the chat template) that transformers and `qwen25.load_model` load."""
     from qwen25.tokenizer.gguf import load_gguf_tokenizer
 
-    tokenizer = load_gguf_tokenizer(path)  # the cheaper check first: a bad vocab fails fast
+    config_from_gguf(open_gguf(path))  # the cheap checks first: model metadata, then vocab
+    tokenizer = load_gguf_tokenizer(path)
     model = load_gguf_model(path, dtype=dtype)
     folder = save_model(model, out)
     tokenizer.save_pretrained(folder)

@@ -20,7 +20,7 @@ import json
 import os
 from typing import Any
 
-from qwen25.formats import gguf_names as names
+import qwen25.formats.gguf_names as names
 from qwen25.formats.gguf_file import GGUFError, GGUFFile, open_gguf
 from qwen25.tokenizer import qwen
 from qwen25.tokenizer.bytelevel import str_to_token
@@ -64,16 +64,19 @@ def load_gguf_tokenizer(path: str | os.PathLike) -> Tokenizer:
 
 def tokenizer_from_gguf(g: GGUFFile) -> Tokenizer:
     model = g.get(names.TOKENIZER_MODEL)
+    if model is None:
+        raise GGUFError(f"{g.path}: has no tokenizer metadata ({names.TOKENIZER_MODEL}); use the "
+                        "model's HF tokenizer folder instead (--tokenizer)")
     if model != "gpt2":
         raise GGUFError(f"{g.path}: {names.TOKENIZER_MODEL}={model!r} is not supported; only "
-                        "byte-level BPE vocabularies ('gpt2') load. Pass --tokenizer with the "
-                        "model's HF tokenizer folder")
+                        "byte-level BPE vocabularies ('gpt2') load; use the model's HF tokenizer "
+                        "folder instead (--tokenizer)")
     pre = g.get(names.TOKENIZER_PRE)
     pre = PRE_ALIASES.get(pre, pre)
     if pre not in PRE_TOKENIZERS:
         raise GGUFError(f"{g.path}: {names.TOKENIZER_PRE}={pre!r} is not a pre-tokenizer this "
-                        f"package knows ({', '.join(PRE_TOKENIZERS)}); pass --tokenizer with the "
-                        "model's HF tokenizer folder")
+                        f"package knows ({', '.join(PRE_TOKENIZERS)}); use the model's HF tokenizer "
+                        "folder instead (--tokenizer)")
     tokens: list[str] = g.get(names.TOKENS) or []
     merges: list[str] = g.get(names.MERGES) or []
     types: list[int] = g.get(names.TOKEN_TYPE) or [names.TOKEN_NORMAL] * len(tokens)
