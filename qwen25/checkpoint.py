@@ -370,8 +370,16 @@ def _atomic_write_text(path: Path, text: str) -> Path:
 def verify_checkpoint(path: str | Path) -> dict[str, int]:
     """Check a folder as `load_model` would (headers only, no weights read).
 
-    Returns how many weight files it has and their total size in bytes.
+    Returns how many weight files it has and their total size in bytes. A GGUF file is
+    checked the same way (metadata, tensor names, shapes and types).
     """
+    if is_gguf(path):
+        from qwen25.formats.gguf_file import open_gguf
+        from qwen25.formats.gguf_import import config_from_gguf, plan_tensors
+
+        g = open_gguf(path)
+        plan_tensors(g, config_from_gguf(g))
+        return {"count": 1, "bytes": Path(path).stat().st_size}
     folder = _folder(path)
     plan = _plan(folder, load_config(folder))
     return {"count": len(plan), "bytes": sum(p.stat().st_size for p in plan)}

@@ -3,9 +3,9 @@ models, and the one-line errors for bad files.
 
 References and tolerances (fp32 logits, max|ours - ref| / max|ref|):
 - F32 file vs the source model: <= 1e-4;
-- F16 / Q8_0 file vs the source model with its matrices rounded the same way (gguf's own
-  quantise/dequantise): <= 1e-4; and vs the unrounded source within the format's error
-  (F16 <= 5e-3, Q8_0 <= 5e-2 of the logit range);
+- F16 / BF16 / Q8_0 / Q4_1 file vs the source model with its matrices rounded the same way
+  (gguf's own quantise/dequantise): <= 1e-4; and vs the unrounded source within the
+  format's error (F16 <= 5e-3, BF16 <= 3e-2, Q8_0 <= 5e-2, Q4_1 <= 0.5 of the logit range);
 - a llama file (Q/K rows permuted by the writer as llama.cpp does) vs transformers loading
   the same file through its own GGUF loader: <= 1e-4.
 """
@@ -47,7 +47,8 @@ def _qwen2(tie=False, seed=0):
                       seed, std=0.1).eval()
 
 
-@pytest.mark.parametrize("qtype,bound", [("F32", 0.0), ("F16", 5e-3), ("Q8_0", 5e-2)])
+@pytest.mark.parametrize("qtype,bound", [("F32", 0.0), ("F16", 5e-3), ("Q8_0", 5e-2),
+                                         ("BF16", 3e-2), ("Q4_1", 0.5)])
 @pytest.mark.parametrize("tie", [False, True])
 def test_synthetic_qwen2_gguf_loads_with_source_logits(tmp_path, qtype, bound, tie):
     hf = _qwen2(tie=tie)
@@ -211,3 +212,9 @@ def test_tokenizer_and_model_from_one_file_share_the_parse(tmp_path):
     tok = qwen25.load_tokenizer(path)
     assert gguf_file.open_gguf(path) is first and tok.encode("hello world") == [259, 264]
     assert gguf.GGUFReader is not None
+
+
+def test_inspect_reads_a_gguf(tmp_path, capsys):
+    path = write_model(tmp_path / "m.gguf", _qwen2(), "qwen2", "Q8_0")
+    assert main(["inspect", str(path)]) == 0
+    assert "Qwen2ForCausalLM" in capsys.readouterr().out
