@@ -9,10 +9,10 @@ type the `gguf` package can dequantise loads (F32, F16, BF16, Q4_0..Q8_0, Q2_K..
 IQ and TQ types); the values are exactly the dequantised ones, so float32 (the default)
 reproduces the file bit for bit and a lower dtype rounds them once.
 
-Memory: the whole file is checked (names, shapes, types) before anything is allocated;
-tensors are then dequantised one at a time, largest first, straight into a model built
-uninitialised in the target dtype. Peak is the model plus one float32 tensor plus the
-file's pages the OS keeps mapped.
+Memory: the whole file is checked (names, shapes, types, that the data lies inside the
+file) before anything is allocated; tensors are then read and dequantised one at a time,
+largest first, straight into a model built uninitialised in the target dtype. Peak is the
+model plus one tensor's bytes and its float32 copy (no memory map stays resident).
 
 What a GGUF cannot say is an error, never a guess: unknown architectures, RoPE scaling we
 do not implement (llama3 `rope_freqs`, scaling types other than linear/yarn), partial RoPE,
@@ -21,8 +21,9 @@ sliding windows, attention biases in a llama file.
 
 from __future__ import annotations
 
+import ctypes
 import os
-import warnings
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +92,7 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
         max_position_embeddings=int(need("max_position_embeddings")),
         rms_norm_eps=float(need("rms_norm_eps")),
         rope_theta=float(opt("rope_theta", 10_000.0)),  # llama.cpp's default base
-        vocab_size=int(opt("vocab_size", 0)) or int(tensors["token_embd.weight"].shape[-1]),
+        vocab_size=int(opt("vocab_size", 0)) or int(tensors["token_embd.weight"].shape[0]),
         tie_word_embeddings="output.weight" not in tensors,
         qkv_bias=arch != "llama",
         rope_scaling=_rope_scaling(g),
@@ -164,7 +165,10 @@ def plan_tensors(g: GGUFFile, cfg: ModelConfig) -> list[tuple[Any, str | tuple[i
     plan: list[tuple[Any, str | tuple[int, str]]] = []
     seen: set[str] = set()
     for name, t in g.tensors.items():
-        shape = tuple(int(d) for d in reversed(list(t.shape)))  # GGUF lists dims fastest first
+        shape = t.shape
+        if t.offset + t.n_bytes > g.size:
+            raise GGUFError(f"{g.path}: tensor {name!r} ends past the end of the file; the file "
+                            "is truncated or corrupted, download or convert it again")
         if t.tensor_type.name not in supported:
             raise GGUFError(f"{g.path}: tensor {name!r} has type {t.tensor_type.name}, which the "
                             "gguf package cannot dequantise; re-quantize the model to a float or "
@@ -213,12 +217,11 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def dequantize(t: Any) -> np.ndarray:
-    """A GGUF tensor as float32 in HF's dimension order (read-only for F32 tensors)."""
+def dequantize(g: GGUFFile, t: Any) -> np.ndarray:
+    """A GGUF tensor as float32 in HF's dimension order."""
     from gguf import quants
 
-    arr = quants.dequantize(t.data, t.tensor_type)
-    return arr.reshape(tuple(int(d) for d in reversed(list(t.shape))))
+    return quants.dequantize(g.read(t), t.tensor_type).reshape(t.shape)
 
 
 def _unpermute(key: str, w: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
@@ -242,18 +245,20 @@ def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype | str | None = N
     params = dict(model.named_parameters(remove_duplicate=False))
     permuted = g.architecture in names.PERMUTED_QK
     try:
-        with torch.no_grad(), warnings.catch_warnings():
-            # F32 tensors come back as read-only views of the map; they are only read
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        with torch.no_grad():
             for t, target in plan:
-                w = torch.from_numpy(dequantize(t))
+                w = torch.from_numpy(dequantize(g, t))
                 if isinstance(target, tuple):
                     _copy_experts(params, cfg, *target, w)
+                    del w
+                    _release_free_heap()
                     continue
                 if permuted:
                     w = _unpermute(target, w, cfg)
                 dest = _destination(params, target)
                 dest.copy_(w.reshape(dest.shape))
+                del w
+                _release_free_heap()
     except (ValueError, IndexError, OSError) as e:  # data cut short behind a valid header
         raise GGUFError(f"{g.path}: tensor data cannot be read ({e}); the file is truncated or "
                         "corrupted, download or convert it again") from None
@@ -261,6 +266,23 @@ def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype | str | None = N
                                                  ("eos_token_id", cfg.eos_token_id),
                                                  ("pad_token_id", cfg.pad_token_id)) if v is not None}
     return model.eval()
+
+
+@lru_cache(maxsize=1)
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def _release_free_heap() -> None:
+    """Give the float32 temporaries of the last tensor back to the OS. glibc raises its mmap
+    threshold after the first big free, so the next tensors' temporaries (a few MB each)
+    land on the heap and stay resident once freed; trimming keeps the peak near the model."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _copy_experts(params: dict[str, torch.Tensor], cfg: ModelConfig, layer: int, proj: str,
