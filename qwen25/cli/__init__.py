@@ -28,6 +28,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "eval": ("eval", "long-context evaluation: passkey, needle, loss by position, the YaRN/DCA demo"),
     "speedrun": ("speedrun", "the whole recipe on built-in data: tokenizer, shards, pretraining, report"),
     "serve": ("serve", "OpenAI-compatible HTTP server with continuous batching"),
+    "convert": ("convert", "a GGUF file (llama.cpp) as an HF checkpoint folder"),
 }
 
 

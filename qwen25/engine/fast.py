@@ -97,6 +97,11 @@ class FastDecoder:
         for layer in model.model.layers:
             params = dict(layer.named_parameters())
             for name in _PER_LAYER:
+                if name not in params and name.endswith("_proj.bias"):
+                    # Llama has no q/k/v biases: the kernels add zeros (kept referenced here)
+                    rows = params[name.removesuffix("bias") + "weight"].shape[0]
+                    layers.append(torch.zeros(rows, dtype=model.dtype))
+                    continue
                 t = params[name].detach()
                 if not t.is_contiguous():
                     raise RuntimeError(f"parameter {name} is not contiguous")

@@ -1,7 +1,7 @@
 """Opening a GGUF file through the `gguf` package, with one-line errors for bad files.
 
-`open_gguf(path)` returns a `GGUFFile`: the reader (tensors memory-mapped, nothing read yet)
-plus typed metadata access. Every way a file can be unreadable (missing, wrong magic,
+`open_gguf(path)` returns a `GGUFFile`: the metadata as Python values and a record per
+tensor (type, shape, where its bytes are), read on demand. Every way a file can be unreadable (missing, wrong magic,
 truncated, an unknown tensor type, a tensor past the end of the file) becomes a `GGUFError`
 naming the file, the problem and the fix; a traceback from the reader never reaches the user.
 """
@@ -9,11 +9,14 @@ naming the file, the problem and the fix; a traceback from the reader never reac
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from qwen25.errors import UserError
-from qwen25.formats import gguf_names as names
+import qwen25.formats.gguf_names as names
 
 MAGIC = b"GGUF"
 
@@ -36,12 +39,41 @@ def is_gguf(path: str | os.PathLike) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class TensorRecord:
+    """Where one tensor lies in the file and what it is; its bytes are read on demand."""
+
+    name: str
+    tensor_type: Any  # gguf.GGMLQuantizationType
+    shape: tuple[int, ...]  # row-major (HF order): the GGUF `ne` list reversed
+    n_elements: int
+    n_bytes: int
+    offset: int  # absolute byte offset of the data in the file
+
+
 class GGUFFile:
-    """Metadata and tensor records of one GGUF file (tensor data stays memory-mapped)."""
+    """Metadata (plain Python values) and tensor records of one GGUF file.
+
+    The `gguf` reader is used once to parse the header and then dropped: its per-element
+    views of the vocabulary arrays cost more memory than a 135M model's quantised weights,
+    and a kept memory map would leave every page read resident next to the model. Tensor
+    bytes are read from the file one tensor at a time (`read`).
+    """
 
     def __init__(self, path: Path, reader: Any):
         self.path = path
-        self.reader = reader
+        self.metadata: dict[str, Any] = {}
+        for key, field in reader.fields.items():
+            try:
+                self.metadata[key] = field.contents()
+            except (ValueError, IndexError, UnicodeDecodeError) as e:
+                raise GGUFError(f"{path}: metadata {key!r} cannot be decoded ({e}); the file "
+                                "is corrupted") from None
+        self.tensors: dict[str, TensorRecord] = {
+            t.name: TensorRecord(t.name, t.tensor_type, tuple(int(d) for d in reversed(t.shape.tolist())),
+                                 int(t.n_elements), int(t.n_bytes), int(t.data_offset))
+            for t in reader.tensors}
+        self.size = path.stat().st_size
         self.architecture = self.get(names.ARCHITECTURE)
         if not isinstance(self.architecture, str):
             raise GGUFError(f"{path}: no general.architecture in the metadata; this is not a "
@@ -49,32 +81,59 @@ class GGUFFile:
 
     def get(self, key: str, default: Any = None) -> Any:
         """The value of a metadata key (str, int, float, bool or a list), or `default`."""
-        field = self.reader.fields.get(key)
-        if field is None:
-            return default
-        try:
-            return field.contents()
-        except (ValueError, IndexError, UnicodeDecodeError) as e:
-            raise GGUFError(f"{self.path}: metadata {key!r} cannot be decoded ({e}); the file "
-                            "is corrupted") from None
+        return self.metadata.get(key, default)
 
     def arch_get(self, template: str, default: Any = None) -> Any:
         """`get` of an architecture key template such as "{arch}.block_count"."""
         return self.get(names.key(template, self.architecture), default)
 
-    @property
-    def tensors(self) -> dict[str, Any]:
-        """name -> gguf ReaderTensor (`.tensor_type`, `.data` memory-mapped, `.shape`)."""
-        return {t.name: t for t in self.reader.tensors}
+    def read(self, t: TensorRecord) -> np.ndarray:
+        """The stored bytes of `t` as the array `gguf.quants.dequantize` takes: typed for
+        F32/F16 (and integer types), uint8 rows of blocks for BF16 and quantised types."""
+        from gguf import GGMLQuantizationType as Q
+        from gguf.quants import quant_shape_to_byte_shape
+
+        if t.offset + t.n_bytes > self.size:
+            raise GGUFError(f"{self.path}: tensor {t.name!r} ends past the end of the file; the "
+                            "file is truncated or corrupted, download or convert it again")
+        with open(self.path, "rb") as f:
+            f.seek(t.offset)
+            raw = np.empty(t.n_bytes, dtype=np.uint8)
+            if f.readinto(memoryview(raw)) != t.n_bytes:
+                raise GGUFError(f"{self.path}: tensor {t.name!r} is cut short; the file is "
+                                "truncated or corrupted, download or convert it again")
+        typed = {Q.F32: np.float32, Q.F16: np.float16, Q.F64: np.float64, Q.I8: np.int8,
+                 Q.I16: np.int16, Q.I32: np.int32, Q.I64: np.int64}
+        if t.tensor_type in typed:
+            return raw.view(typed[t.tensor_type]).reshape(t.shape)
+        return raw.reshape(quant_shape_to_byte_shape(t.shape, t.tensor_type))
+
+
+# The last file opened, keyed by (path, size, mtime): `load_model` and `load_tokenizer` on
+# the same file parse its header once (gguf's reader takes seconds on a 150k-token vocab).
+_LAST: dict[tuple, GGUFFile] = {}
 
 
 def open_gguf(path: str | os.PathLike) -> GGUFFile:
     """Open and check a GGUF file's header; raise GGUFError with a fix for a bad one."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError:
+        raise GGUFError(f"{p}: no such GGUF file") from None
+    if not p.is_file():
+        raise GGUFError(f"{p}: is not a file; pass a .gguf model file")
+    ident = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if ident not in _LAST:
+        g = _open(p)
+        _LAST.clear()
+        _LAST[ident] = g
+    return _LAST[ident]
+
+
+def _open(p: Path) -> GGUFFile:
     from gguf import GGUFReader
 
-    p = Path(path)
-    if not p.is_file():
-        raise GGUFError(f"{p}: no such GGUF file")
     try:
         with open(p, "rb") as f:
             head = f.read(4)

@@ -69,7 +69,7 @@ class Tokenizer:
     def __init__(self, *, engine: Any, regular: Sequence[bytes], added: Sequence[AddedToken],
                  eos_token: str | None, pad_token: str | None, bos_token: str | None = None,
                  chat_template: str | None = None, model_max_length: int | None = None,
-                 source: Any = None, name_or_path: str = ""):
+                 source: Any = None, name_or_path: str = "", hf_class: str = "Qwen2Tokenizer"):
         self._engine = engine
         size = max([len(regular)] + [t.id + 1 for t in added])
         id_bytes: list[bytes | None] = list(regular) + [None] * (size - len(regular))
@@ -86,6 +86,9 @@ class Tokenizer:
         self.model_max_length = model_max_length
         self.name_or_path = name_or_path
         self._source = source  # how save_pretrained rebuilds tokenizer.json (see hf.py)
+        # tokenizer_class written by save_pretrained: Qwen2Tokenizer for Qwen's pipeline;
+        # "PreTrainedTokenizerFast" makes transformers run tokenizer.json exactly as written
+        self.hf_class = hf_class
 
     # ---- sizes and ids -------------------------------------------------------------
     @property

@@ -19,6 +19,7 @@ from typing import Any
 
 from qwen25.errors import UserError
 from qwen25.files import atomic_write
+from qwen25.formats.gguf_file import is_gguf
 from qwen25.tokenizer import qwen
 from qwen25.tokenizer.bytelevel import derive_merges, str_to_token, token_to_str
 from qwen25.tokenizer.core import AddedToken, Tokenizer
@@ -100,11 +101,16 @@ def _merge_pairs(merges: list) -> list[tuple[str, str]]:
 # ---- loading -------------------------------------------------------------------------
 def load_tokenizer(path_or_name: str | os.PathLike = "qwen2.5") -> Tokenizer:
     """`"qwen2.5"`: the built-in Qwen2.5 vocabulary and chat template (no files needed).
-    Otherwise an HF tokenizer folder (or its tokenizer.json): see the module docstring."""
+    Otherwise an HF tokenizer folder (or its tokenizer.json): see the module docstring; or a
+    GGUF file (its vocabulary metadata, see tokenizer/gguf.py)."""
     name = str(path_or_name)
     if name.lower() in BUILTIN_NAMES and not Path(name).exists():
         return builtin_tokenizer()
     path = Path(name)
+    if path.is_file() and is_gguf(path):
+        from qwen25.tokenizer.gguf import load_gguf_tokenizer  # (gguf.py imports this module)
+
+        return load_gguf_tokenizer(path)
     folder = path.parent if path.is_file() else path
     if not folder.is_dir():
         raise TokenizerFileError(f"tokenizer {name!r} not found: give an HF tokenizer folder "
@@ -235,13 +241,15 @@ def _tokenizer_from_json(data: dict, added: list[AddedToken], config: dict, fold
                      bos_token=_config_token(config.get("bos_token")),
                      chat_template=_chat_template(config, folder),
                      model_max_length=config.get("model_max_length"),
-                     source=JsonSource(data), name_or_path=str(folder))
+                     source=JsonSource(data), name_or_path=str(folder),
+                     hf_class=config.get("tokenizer_class") or "Qwen2Tokenizer")
 
 
 # ---- saving --------------------------------------------------------------------------
 def tokenizer_config(added: tuple[AddedToken, ...] | list[AddedToken], eos_token: str | None,
                      pad_token: str | None, bos_token: str | None, chat_template: str | None,
-                     model_max_length: int | None = None) -> dict:
+                     model_max_length: int | None = None,
+                     tokenizer_class: str = "Qwen2Tokenizer") -> dict:
     """tokenizer_config.json in the released Qwen2.5 style (spec §2.3)."""
     return {
         "add_bos_token": False,
@@ -259,7 +267,7 @@ def tokenizer_config(added: tuple[AddedToken, ...] | list[AddedToken], eos_token
         "model_max_length": model_max_length or qwen.MODEL_MAX_LENGTH,
         "pad_token": pad_token,
         "split_special_tokens": False,
-        "tokenizer_class": "Qwen2Tokenizer",
+        "tokenizer_class": tokenizer_class,
         "unk_token": None,
     }
 
@@ -267,7 +275,7 @@ def tokenizer_config(added: tuple[AddedToken, ...] | list[AddedToken], eos_token
 def save_folder(tok: Tokenizer, path: str | os.PathLike) -> list[str]:
     """`Tokenizer.save_pretrained`: see `write_folder`."""
     config = tokenizer_config(tok.added_tokens, tok.eos_token, tok.pad_token, tok.bos_token,
-                              tok.chat_template, tok.model_max_length)
+                              tok.chat_template, tok.model_max_length, tok.hf_class)
     return write_folder(path, tok._source, tok.added_tokens, config)
 
 
