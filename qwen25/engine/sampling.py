@@ -194,11 +194,26 @@ def candidates(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0,
     return ids, probs
 
 
+class NonFiniteLogits(UserError):
+    """The model produced NaN/inf logits: its weights hold NaN/inf, or the dtype overflowed."""
+
+
 def sample(ids: torch.Tensor, probs: torch.Tensor, generator: torch.Generator | None) -> int:
-    """Draw one of `ids` with probabilities `probs` using only `generator`'s randomness."""
+    """Draw one of `ids` with probabilities `probs` using only `generator`'s randomness.
+
+    Raises NonFiniteLogits when `probs` is not a distribution (the check runs only after
+    torch refused the draw, so the common path pays nothing)."""
     if ids.numel() == 1:
         return int(ids[0])
-    return int(ids[torch.multinomial(probs, 1, generator=generator)])
+    try:
+        return int(ids[torch.multinomial(probs, 1, generator=generator)])
+    except RuntimeError:
+        if bool(torch.isfinite(probs).all()) and bool((probs >= 0).all()):
+            raise  # not the model's numbers: a bug
+        raise NonFiniteLogits(
+            "the model produced non-finite logits (NaN or inf), so no token can be sampled: the "
+            "checkpoint's weights hold NaN/inf values or the dtype overflowed; check the weights "
+            "(re-download or re-save them) or load the model in float32") from None
 
 
 def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
