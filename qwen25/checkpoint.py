@@ -428,8 +428,17 @@ def save_model(model: Transformer, path: str | Path, max_shard_size: int | str =
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> Path:
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
+    make_readable(tmp)
     os.replace(tmp, path)
     return path
+
+
+def make_readable(path: Path) -> None:
+    """Give a file the mode a plain `open` would (0666 minus the umask): safetensors creates
+    its files 0600, unlike every other file of a checkpoint folder."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def _atomic_write_text(path: Path, text: str) -> Path:
