@@ -93,7 +93,8 @@ def test_inconsistent_fields_are_clear_errors(change, needle):
 
 
 @pytest.mark.parametrize("patch,needle", [
-    ({"model_type": "llama"}, "model_type='llama' is not supported"),
+    ({"model_type": "gpt2"}, "model_type='gpt2' is not supported"),
+    ({"qkv_bias": False}, "qkv_bias=false is not supported"),
     ({"frobnicate": 3}, "unknown config.json field"),
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"use_sliding_window": True}, "use_sliding_window"),
@@ -142,7 +143,7 @@ WRONG_TYPES = [
     ({"rope_scaling": [1, 2]}, "rope_scaling=\\[1, 2\\] must be an object"),
     ({"rope_scaling": {"type": "yarn", "factor": "4"}}, "rope_scaling.factor='4' must be a number"),
     ({"rope_scaling": {"type": "yarn", "factor": 4.0, "beta_fast": "a"}}, "rope_scaling.beta_fast='a'"),
-    ({"rope_scaling": {"type": 3, "factor": 4.0}}, "rope_scaling.type=3 must be a string"),
+    ({"rope_scaling": {"type": 3, "factor": 4.0}}, "rope_scaling.type=3 is not supported"),
     ({"rope_scaling": {"type": "yarn", "factor": 4.0, "truncate": "yes"}}, "rope_scaling.truncate"),
     ({"rope_parameters": "x"}, "rope_parameters='x' must be an object"),
     ({"dual_chunk_attention_config": "x"}, "dual_chunk_attention_config='x' must be an object"),
