@@ -83,7 +83,33 @@ def _tool_call(call: Any, where: str) -> dict:
             arguments = json.loads(arguments)
         except json.JSONDecodeError:
             pass
+        except RecursionError:
+            raise _too_deep(f"{where}.function.arguments") from None
+    _check_depth(arguments, f"{where}.function.arguments")
     return {"name": fn["name"], "arguments": arguments}
+
+
+MAX_JSON_DEPTH = 64  # nesting of tool schemas and arguments; rendering and encoding recurse on it
+
+
+def _too_deep(where: str) -> ChatError:
+    return ChatError(f"{where}: nested more than {MAX_JSON_DEPTH} levels deep; flatten it")
+
+
+def _check_depth(value: Any, where: str) -> None:
+    """Iterative (no recursion of its own): lists and objects nest at most MAX_JSON_DEPTH."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, Mapping):
+            children = v.values()
+        elif isinstance(v, (list, tuple)):
+            children = v
+        else:
+            continue
+        if depth > MAX_JSON_DEPTH:
+            raise _too_deep(where)
+        stack.extend((c, depth + 1) for c in children)
 
 
 def prepare_messages(messages: Any) -> list[dict]:
@@ -118,6 +144,8 @@ def prepare_tools(tools: Any) -> list | None:
         return None
     if not isinstance(tools, (list, tuple)) or not all(isinstance(t, Mapping) for t in tools):
         raise ChatError("tools must be a list of JSON schema objects")
+    for i, t in enumerate(tools):
+        _check_depth(t, f"tools[{i}]")
     return list(tools) or None
 
 

@@ -32,6 +32,7 @@ from qwen25.errors import UserError
 GREEDY_TEMPERATURE = 1e-5  # at or below this, sampling is argmax (dividing would overflow)
 TOP_P_CANDIDATES = 1024  # top-p looks at this many best tokens before sorting the whole vocab
 MAX_LOGPROBS = 20  # as the OpenAI API
+_F32_MAX = torch.finfo(torch.float32).max
 
 
 @dataclass(frozen=True)
@@ -227,7 +228,13 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
     logits = penalize(logits, params, seen, counts)
     if params.greedy:
         return int(logits.argmax())
-    ids, probs = candidates(logits / params.temperature, params.top_k, params.top_p, params.min_p)
+    scaled = logits / params.temperature
+    if params.repetition_penalty != 1.0:
+        # A tiny penalty (1e-39) divides positive logits past float32's range: +inf would make
+        # the softmax NaN. Clamping keeps the order (ties aside) and a valid distribution;
+        # NaN from the model itself stays NaN and is reported by `sample`.
+        scaled = scaled.clamp(-_F32_MAX, _F32_MAX)
+    ids, probs = candidates(scaled, params.top_k, params.top_p, params.min_p)
     return sample(ids, probs, generator)
 
 
