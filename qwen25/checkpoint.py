@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 
 from qwen25.config import ConfigError, ModelConfig
 from qwen25.errors import UserError
+from qwen25.fields import check_value
 from qwen25.files import atomic_path, atomic_write
 from qwen25.formats.gguf_file import is_gguf
 from qwen25.model.model import Transformer, build_model
@@ -195,29 +196,34 @@ def _folder(path: str | Path) -> Path:
 def _weight_files(folder: Path) -> dict[str, Path] | Path:
     """The shard of every key (from the index) or the single weights file."""
     index = folder / INDEX_FILE
-    if index.exists():
+    if index.exists() or index.is_symlink():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
             assert isinstance(weight_map, dict)
+        except OSError as e:  # a directory, a symlink loop, no permission
+            raise CheckpointError(f"{index}: cannot be read ({e.strerror or e}); it must be a "
+                                  "JSON file") from None
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AssertionError):
             raise CheckpointError(f"{index}: not a valid shard index (needs a JSON object with "
                                   "'weight_map': {tensor name: file})") from None
-        root = folder.resolve()
         files: dict[str, Path] = {}
         for key, name in weight_map.items():
-            p = (folder / str(name)).resolve()
-            if not isinstance(name, str) or os.path.isabs(name) or p.parent != root:
+            # A shard is named by a plain file name in the folder. Where that entry points is
+            # the folder owner's business: the HF hub cache makes every file a symlink into
+            # ../../blobs, exactly as it does for single-file checkpoints.
+            if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
                 raise CheckpointError(f"{index}: shard {name!r} for {key!r} points outside the "
                                       "checkpoint folder; shards must be plain file names in it")
             if not name.endswith(".safetensors"):
                 raise CheckpointError(f"{index}: shard {name!r} is not a .safetensors file; only "
                                       "safetensors weights are read")
-            if not p.is_file():
+            p = folder / name
+            if not (p.exists() or p.is_symlink()):
                 raise CheckpointError(f"{index}: shard {name!r} is missing from {folder}")
             files[key] = p
         return files
     single = folder / SINGLE_FILE
-    if single.exists():
+    if single.exists() or single.is_symlink():
         return single
     pickled = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
     hint = (f" (found {', '.join(pickled)}: pickled weights are never read; convert them to "
@@ -227,9 +233,10 @@ def _weight_files(folder: Path) -> dict[str, Path] | Path:
 
 def _plan(folder: Path, cfg: ModelConfig) -> dict[Path, list[str]]:
     """Check names, shapes and dtypes of every tensor; return the keys to read per file."""
-    expected = checkpoint_shapes(cfg)
     located = _weight_files(folder)
     files = sorted(set(located.values())) if isinstance(located, dict) else [located]
+    _check_counts(cfg, {k: f for f in files for k in _header_keys(f)}, folder)
+    expected = checkpoint_shapes(cfg)
     found: dict[str, Path] = {}
     for file in files:
         try:
@@ -277,17 +284,93 @@ def _plan(folder: Path, cfg: ModelConfig) -> dict[Path, list[str]]:
     return plan
 
 
+def _header_keys(file: Path) -> list[str]:
+    """The tensor names of one safetensors file (its header only)."""
+    try:
+        if not file.is_file():
+            os.stat(file)  # raises for a symlink loop or a dangling link
+            raise IsADirectoryError(21, "not a regular file")
+        with safe_open(file, framework="pt", device="cpu") as f:
+            return list(f.keys())
+    except SafetensorError as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e}); the file is "
+                              "truncated or corrupted, download or save it again") from None
+    except OSError as e:
+        raise CheckpointError(f"{file}: cannot be read ({e.strerror or e})") from None
+
+
+_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def _check_counts(cfg: ModelConfig, keys: dict[str, Path], folder: Path) -> None:
+    """Fail at once when config.json asks for more layers or experts than the files hold.
+
+    The shape check after this builds the whole module tree on the meta device, which for a
+    config claiming a million layers would take minutes and gigabytes before reporting them
+    missing; the headers alone answer it.
+    """
+    layers = {int(m.group(1)) for k in keys if (m := _LAYER_KEY.match(k))}
+    held = max(layers) + 1 if layers else 0
+    if cfg.num_hidden_layers > held:
+        raise CheckpointError(
+            f"{folder}: missing tensor(s) of layers {held}..{cfg.num_hidden_layers - 1}: config.json "
+            f"says num_hidden_layers={cfg.num_hidden_layers} but the weights hold {held} layers")
+    if cfg.is_moe:
+        moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+        need = moe_layers * cfg.num_experts * 3  # gate, up, down of every routed expert
+        have = sum(1 for k in keys if _EXPERT_KEY.match(k))
+        if need > have:
+            raise CheckpointError(
+                f"{folder}: missing expert tensor(s): config.json implies {need} (num_experts="
+                f"{cfg.num_experts} in {moe_layers} MoE layers) but the weights hold {have}")
+
+
+# generation_config.json keys that steer sampling: (type, check, what the check says).
+_GENERATION_FIELDS: dict[str, tuple[Any, Any, str]] = {
+    "bos_token_id": (int | None, lambda v: v is None or v >= 0, ">= 0 (a token id)"),
+    "pad_token_id": (int | None, lambda v: v is None or v >= 0, ">= 0 (a token id)"),
+    "eos_token_id": (int | tuple[int, ...] | None,
+                     lambda v: all(i >= 0 for i in (v if isinstance(v, tuple) else (v,) if v is not None else ())),
+                     ">= 0 (token ids)"),
+    "do_sample": (bool, lambda v: True, ""),
+    "temperature": (float, lambda v: v >= 0, ">= 0 (0 means greedy)"),
+    "top_p": (float, lambda v: 0 < v <= 1, "in (0, 1]"),
+    "top_k": (int, lambda v: v >= 0, ">= 0 (0 turns it off)"),
+    "min_p": (float | None, lambda v: v is None or 0 <= v <= 1, "in [0, 1]"),
+    "repetition_penalty": (float, lambda v: v > 0, "> 0 (1 turns it off)"),
+    "max_new_tokens": (int | None, lambda v: v is None or v >= 1, ">= 1"),
+    "max_length": (int | None, lambda v: v is None or v >= 1, ">= 1"),
+}
+
+
+def check_generation_config(gen: dict[str, Any], where: str = "generation_config.json") -> None:
+    """Type- and range-check the sampling keys of a generation config (others are HF's own
+    bookkeeping and pass through). Run at load time, so a bad file stops a server at start-up
+    instead of failing every request that relies on its defaults."""
+    for key, (tp, ok, rule) in _GENERATION_FIELDS.items():
+        if key not in gen:
+            continue
+        value = check_value(gen[key], tp, f"{where}: {key}", CheckpointError)
+        if not ok(value):
+            shown = list(value) if isinstance(value, tuple) else value
+            raise CheckpointError(f"{where}: {key}={shown!r} must be {rule}; fix or delete the key")
+
+
 def read_generation_config(folder: Path, cfg: ModelConfig) -> dict[str, Any]:
     """`generation_config.json` if present (JSON only), else the config's bos/eos ids."""
     path = Path(folder) / "generation_config.json"
-    if path.exists():
+    if path.exists() or path.is_symlink():
         try:
             gen = json.loads(path.read_text())
-            if isinstance(gen, dict):
-                return gen
+        except OSError as e:  # a directory, a symlink loop, no permission
+            raise CheckpointError(f"{path}: cannot be read ({e.strerror or e}); it must be a JSON "
+                                  "file, fix or delete it") from None
         except (json.JSONDecodeError, UnicodeDecodeError):
-            pass
-        raise CheckpointError(f"{path}: not a JSON object; fix or delete it")
+            gen = None
+        if not isinstance(gen, dict):
+            raise CheckpointError(f"{path}: not a JSON object; fix or delete it")
+        check_generation_config(gen, str(path))
+        return gen
     return {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
 
 
@@ -355,9 +438,17 @@ def save_model(model: Transformer, path: str | Path, max_shard_size: int | str =
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> Path:
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:  # also gives the file the usual mode (safetensors: 0600)
         save_file(tensors, str(tmp), metadata={"format": "pt"})
     return path
+
+
+def make_readable(path: Path) -> None:
+    """Give a file the mode a plain `open` would (0666 minus the umask): safetensors creates
+    its files 0600, unlike every other file of a checkpoint folder."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def _atomic_write_text(path: Path, text: str) -> Path:

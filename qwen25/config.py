@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from qwen25.errors import UserError
+from qwen25.fields import check_fields, check_value
 
 
 class ConfigError(UserError):
@@ -50,6 +51,7 @@ class RopeScaling:
     truncate: bool = True  # HF: floor/ceil the correction range
 
     def __post_init__(self) -> None:
+        check_fields(self, "rope_scaling.", ConfigError)
         if self.type not in ROPE_SCALING_TYPES:
             raise ConfigError(
                 f"rope_scaling.type={self.type!r} is not supported; use one of "
@@ -59,9 +61,14 @@ class RopeScaling:
             raise ConfigError(f"rope_scaling.factor={self.factor} must be >= 1.0")
         if self.type == "yarn" and self.beta_fast <= self.beta_slow:
             raise ConfigError("rope_scaling.beta_fast must be greater than rope_scaling.beta_slow")
+        for name in ("original_max_position_embeddings", "attention_factor", "mscale", "mscale_all_dim"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                raise ConfigError(f"rope_scaling.{name}={v} must be > 0 (or left out)")
 
     @classmethod
-    def from_hf(cls, d: dict[str, Any]) -> RopeScaling:
+    def from_hf(cls, d: dict[str, Any], name: str = "rope_scaling") -> RopeScaling:
+        check_value(d, dict, name, ConfigError)
         d = dict(d)
         kind = d.pop("rope_type", None) or d.pop("type", None)
         d.pop("type", None)
@@ -109,6 +116,7 @@ class DCAConfig:
     original_max_position_embeddings: int | None = None  # enables the length-dependent mscale
 
     def __post_init__(self) -> None:
+        check_fields(self, "dual_chunk_attention_config.", ConfigError)
         if self.local_size <= 0 or self.chunk_size <= 0:
             raise ConfigError("dual_chunk_attention_config: chunk_size and local_size must be > 0")
         if self.chunk_size <= self.local_size:
@@ -123,6 +131,7 @@ class DCAConfig:
 
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> DCAConfig:
+        check_value(d, dict, "dual_chunk_attention_config", ConfigError)
         d = dict(d)
         # Sparse-attention keys of the 1M checkpoints configure a vLLM kernel we do not have;
         # they change speed, not the math, so they are accepted and ignored.
@@ -180,6 +189,7 @@ class ModelConfig:
     torch_dtype: str = "bfloat16"  # dtype the weights are stored in
 
     def __post_init__(self) -> None:
+        check_fields(self, "", ConfigError)  # types first: the checks below assume them
         if self.head_dim is None:
             if self.num_attention_heads <= 0 or self.hidden_size % self.num_attention_heads:
                 raise ConfigError(
@@ -187,10 +197,6 @@ class ModelConfig:
                     f"{self.num_attention_heads}; change one of them or set head_dim explicitly"
                 )
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
-        if isinstance(self.eos_token_id, list):
-            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
-        if isinstance(self.mlp_only_layers, list):
-            object.__setattr__(self, "mlp_only_layers", tuple(self.mlp_only_layers))
         self._validate()
 
     def _validate(self) -> None:
@@ -214,6 +220,16 @@ class ModelConfig:
             raise ConfigError(f"rms_norm_eps={self.rms_norm_eps} must be in (0, 1)")
         if not 0.0 <= self.attention_dropout < 1.0:
             raise ConfigError(f"attention_dropout={self.attention_dropout} must be in [0, 1)")
+        for name in ("initializer_range", "router_aux_loss_coef", "num_experts_per_tok",
+                     "moe_intermediate_size", "shared_expert_intermediate_size"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
+        for name in ("bos_token_id", "pad_token_id", "eos_token_id"):
+            v = getattr(self, name)
+            ids = v if isinstance(v, tuple) else (() if v is None else (v,))
+            if any(i < 0 for i in ids):
+                raise ConfigError(f"{name}={list(v) if isinstance(v, tuple) else v} must be >= 0 "
+                                  "(a token id)")
         if self.num_experts < 0:
             raise ConfigError(f"num_experts={self.num_experts} must be >= 0")
         if not isinstance(self.qkv_bias, bool):
@@ -301,6 +317,9 @@ class ModelConfig:
                 raise ConfigError(f"{path}: not found; a checkpoint folder needs a config.json") from None
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ConfigError(f"{path}: not valid JSON ({e})") from None
+            except OSError as e:  # a directory, a symlink loop, no permission
+                raise ConfigError(f"{path}: cannot be read ({e.strerror or e}); it must be a "
+                                  "JSON file") from None
             if not isinstance(source, dict):
                 raise ConfigError(f"{path}: expected a JSON object")
         return _config_from_hf_dict(source)
@@ -377,6 +396,16 @@ _HF_BOOKKEEPING = frozenset({
 })
 
 
+# Bookkeeping keys whose value decides how the rest is read: their types are checked too.
+_STEERING_KEYS: dict[str, Any] = {
+    "model_type": str, "hidden_act": str, "qkv_bias": bool, "attention_bias": bool, "mlp_bias": bool,
+    "use_sliding_window": bool,
+    "layer_types": tuple[str, ...] | None, "rope_scaling": dict | None,
+    "rope_parameters": dict | None, "dual_chunk_attention_config": dict | None,
+    "rope_theta": float | None, "torch_dtype": str | None, "dtype": str | None,
+}
+
+
 # LlamaConfig's defaults where they differ from ModelConfig's (Qwen2.5's): a Llama
 # config.json that omits a key means these.
 _LLAMA_DEFAULTS = {"vocab_size": 32000, "max_position_embeddings": 2048, "rope_theta": 10_000.0,
@@ -406,6 +435,10 @@ def _config_from_hf_dict(src: dict[str, Any]) -> ModelConfig:
             f"model_type={model_type!r} is not supported; this package loads Qwen2/Qwen2.5 "
             "and Llama checkpoints (model_type 'qwen2', 'qwen2_moe' or 'llama')"
         )
+    # Keys that steer the reading below are checked before they are used.
+    for key, tp in _STEERING_KEYS.items():
+        if key in d:
+            check_value(d[key], tp, key, ConfigError)
     if model_type == "llama":
         _llama_fields(d)
     elif "qkv_bias" in d:
@@ -454,15 +487,16 @@ def _config_from_hf_dict(src: dict[str, Any]) -> ModelConfig:
             "they change; remove them if they are inert"
         )
     if rope_theta is not None:
-        kwargs["rope_theta"] = float(rope_theta)
-    if scaling:
-        kwargs["rope_scaling"] = RopeScaling.from_hf(scaling)
+        kwargs["rope_theta"] = rope_theta  # type-checked with the other fields
+    if scaling is not None and scaling != {}:
+        kwargs["rope_scaling"] = RopeScaling.from_hf(
+            scaling, "rope_parameters" if scaling is params else "rope_scaling")
     dca = d.get("dual_chunk_attention_config")
-    if dca:
+    if dca is not None and dca != {}:
         kwargs["dual_chunk_attention"] = DCAConfig.from_hf(dca)
     dtype = d.get("torch_dtype") or d.get("dtype")
     if dtype:
-        kwargs["torch_dtype"] = str(dtype).removeprefix("torch.")
+        kwargs["torch_dtype"] = check_value(dtype, str, "torch_dtype", ConfigError).removeprefix("torch.")
     if model_type in ("qwen2", "llama"):
         for k in ("num_experts", "num_experts_per_tok"):
             if kwargs.get(k):

@@ -121,3 +121,92 @@ def test_from_hf_reads_a_folder(tmp_path):
 def test_unknown_preset_lists_choices():
     with pytest.raises(ConfigError, match="0.5B"):
         ModelConfig.preset("0.6B")
+
+
+# ---- issue 21, items 9-10: every field type- and range-checked, one line naming it -------
+
+WRONG_TYPES = [
+    ({"rope_theta": "abc"}, "rope_theta='abc' must be a number"),
+    ({"rope_theta": [1]}, "rope_theta=\\[1\\] must be a number"),
+    ({"rope_theta": float("nan")}, "rope_theta=nan must be a finite number"),
+    ({"hidden_size": "64"}, "hidden_size='64' must be an integer"),
+    ({"num_attention_heads": 4.5}, "num_attention_heads=4.5 must be an integer"),
+    ({"tie_word_embeddings": "no"}, "tie_word_embeddings='no' must be true or false"),
+    ({"tie_word_embeddings": 1}, "tie_word_embeddings=1 must be true or false"),
+    ({"norm_topk_prob": "false"}, "norm_topk_prob='false' must be true or false"),
+    ({"rms_norm_eps": "1e-6"}, "rms_norm_eps='1e-6' must be a number"),
+    ({"eos_token_id": "x"}, "eos_token_id='x' must be an integer or a list of integers"),
+    ({"eos_token_id": [1, "x"]}, "eos_token_id=\\[1, 'x'\\] must be"),
+    ({"bos_token_id": -1}, "bos_token_id=-1 must be >= 0"),
+    ({"torch_dtype": 5}, "torch_dtype=5 must be a string"),
+    ({"rope_scaling": "yarn"}, "rope_scaling='yarn' must be an object"),
+    ({"rope_scaling": [1, 2]}, "rope_scaling=\\[1, 2\\] must be an object"),
+    ({"rope_scaling": {"type": "yarn", "factor": "4"}}, "rope_scaling.factor='4' must be a number"),
+    ({"rope_scaling": {"type": "yarn", "factor": 4.0, "beta_fast": "a"}}, "rope_scaling.beta_fast='a'"),
+    ({"rope_scaling": {"type": 3, "factor": 4.0}}, "rope_scaling.type=3 is not supported"),
+    ({"rope_scaling": {"type": "yarn", "factor": 4.0, "truncate": "yes"}}, "rope_scaling.truncate"),
+    ({"rope_parameters": "x"}, "rope_parameters='x' must be an object"),
+    ({"dual_chunk_attention_config": "x"}, "dual_chunk_attention_config='x' must be an object"),
+    ({"dual_chunk_attention_config": {"chunk_size": "a", "local_size": 8}},
+     "dual_chunk_attention_config.chunk_size='a' must be an integer"),
+    ({"layer_types": 5}, "layer_types=5 must be a list of strings"),
+    ({"layer_types": ["full_attention", 3]}, "layer_types"),
+    ({"use_sliding_window": "no"}, "use_sliding_window='no' must be true or false"),
+    ({"qkv_bias": "true"}, "qkv_bias='true' must be true or false"),
+    ({"initializer_range": -1.0}, "initializer_range=-1.0 must be >= 0"),
+    ({"max_position_embeddings": True}, "max_position_embeddings=True must be an integer"),
+]
+
+
+@pytest.mark.parametrize("patch,needle", WRONG_TYPES, ids=[str(p)[:40] for p, _ in WRONG_TYPES])
+def test_wrong_types_name_the_field(patch, needle):
+    d = ModelConfig.preset("tiny").to_hf() | patch
+    with pytest.raises(ConfigError, match=needle) as e:
+        ModelConfig.from_hf(d)
+    assert "\n" not in str(e.value)
+
+
+def test_every_field_of_every_config_class_is_type_checked():
+    """Generic: a wrong-typed value for any field (present or added later) is a ConfigError."""
+    import dataclasses
+
+    from qwen25.config import DCAConfig
+
+    wrong = {bool: "yes", int: "1", float: "x", str: 3}
+    base = ModelConfig.preset("tiny-moe")
+    checked = 0
+    for f in dataclasses.fields(ModelConfig):
+        current = getattr(base, f.name)
+        kind = next((t for t in (bool, int, float, str) if type(current) is t), None)
+        if kind is None:
+            continue
+        with pytest.raises(ConfigError, match=f.name):
+            dataclasses.replace(base, **{f.name: wrong[kind]})
+        checked += 1
+    assert checked >= 20
+    with pytest.raises(ConfigError, match="local_size"):
+        DCAConfig(chunk_size=16, local_size="4")
+    with pytest.raises(ConfigError, match="factor"):
+        RopeScaling(type="yarn", factor=None)
+
+
+def test_tie_word_embeddings_string_is_not_silently_true(tmp_path):
+    """The issue's worst config bug: "no" counted as true and the file's lm_head was ignored."""
+    import qwen25
+    from qwen25.checkpoint import CheckpointError, load_model, save_model
+
+    cfg = ModelConfig.preset("tiny").replace(vocab_size=256, tie_word_embeddings=False)
+    path = save_model(qwen25.build_model(cfg, seed=0), tmp_path / "untied")
+    d = json.loads((path / "config.json").read_text()) | {"tie_word_embeddings": "no"}
+    (path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(CheckpointError, match="tie_word_embeddings='no' must be true or false"):
+        load_model(path)
+
+
+def test_config_json_symlink_loop_is_a_clear_error(tmp_path):
+    (tmp_path / "config.json").symlink_to(tmp_path / "config.json")
+    with pytest.raises(ConfigError, match="config.json: cannot be read"):
+        ModelConfig.from_hf(tmp_path)
+    (tmp_path / "sub" / "config.json").mkdir(parents=True)  # a folder where the file belongs
+    with pytest.raises(ConfigError, match="config.json: cannot be read"):
+        ModelConfig.from_hf(tmp_path / "sub")

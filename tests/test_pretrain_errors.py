@@ -89,3 +89,72 @@ def test_missing_tokenizer_and_unknown_preset(tmp_path, capsys, manifest):
     _assert_one_line_error(code, err, "tokenizer", "not found")
     code, err = _cli(capsys, "--data", manifest, "--model", "huge")
     _assert_one_line_error(code, err, "unknown preset 'huge'")
+
+
+# ---- issue 21 items 17-20: ranges of every value, divergence, a verified resume ----------------
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--log-every", "0"], "log_every=0 must be >= 1"),
+    (["--threads", "-1"], "threads=-1 must be >= 0"),
+    (["--eps", "-1"], "eps=-1.0 must be a positive finite number"),
+    (["--eps", "nan"], "eps=nan must be a positive finite number"),
+    (["--ce-chunk", "-1"], "ce_chunk=-1 must be >= 0"),
+    (["--lr", "inf"], "lr=inf"),
+    (["--grad-clip", "nan"], "grad_clip=nan"),
+    (["--spike-z", "0"], "spike_z=0.0 must be > 0"),
+    (["--sample-temperature", "-1"], "sample_temperature=-1.0 must be >= 0"),
+    (["--eval-tokens", "-5"], "eval_tokens=-5 must be >= 0"),
+    (["--peak-flops", "-1"], "peak_flops=-1.0 must be >= 0"),
+    (["--sample-tokens", "-1"], "sample_tokens=-1 must be >= 0"),
+    (["--seed", "-1"], "seed=-1 must be >= 0"),
+    (["--set", "stages.0.max_position_embeddings=-4"], "max_position_embeddings=-4"),
+    (["--set", "stages.0.rope_theta=NaN"], "rope_theta"),
+    (["--set", "min_lr_ratio=NaN"], "min_lr_ratio"),
+])
+def test_out_of_range_values_are_rejected_before_any_work(tmp_path, capsys, manifest, flags, needle):
+    out = tmp_path / "o"
+    code, err = _cli(capsys, "--data", manifest, "--out", str(out), *flags)
+    _assert_one_line_error(code, err, needle)
+    assert not out.exists()
+
+
+def _tiny(out, manifest, **kw):
+    return PretrainConfig(**{**dict(out=str(out), model="tiny", model_overrides={"vocab_size": 50}, data=manifest,
+                                    seq_len=16, batch_tokens=64, micro_batch=4, stages=(Stage("a", steps=4),),
+                                    eval_tokens=64, peak_flops=1e12, checkpoint_every=1, keep_checkpoints=3,
+                                    eval_every=0, warmup_steps=0), **kw})
+
+
+def test_divergence_is_one_line_naming_the_step_and_the_fix(tmp_path, capsys, manifest, monkeypatch):
+    import qwen25.cli.pretrain as cli_pretrain
+
+    out = tmp_path / "o"
+    cfg = _tiny(out, manifest, lr=1e30, stages=(Stage("a", steps=30),), checkpoint_every=0)
+    monkeypatch.setattr(cli_pretrain, "_run_pretrain", lambda c: pretrain(cfg, loader_factory=fake_factory))
+    code, err = _cli(capsys, "--data", manifest, "--out", str(out))
+    _assert_one_line_error(code, err, "diverged at step", "lower the learning rate")
+    step = int(err.split("diverged at step ")[1].split()[0].rstrip(":"))
+    assert 2 <= step <= 30
+
+
+def test_resume_skips_a_corrupted_newest_checkpoint_and_matches_a_clean_run(tmp_path, manifest):
+    """Item 17: 64 flipped bytes in the newest model.safetensors used to resume silently."""
+    from qwen25.train.checkpointing import CheckpointWarning
+
+    clean, broken = tmp_path / "clean", tmp_path / "broken"
+    pretrain(_tiny(clean, manifest), loader_factory=fake_factory)
+    pretrain(_tiny(broken, manifest, stop_after_step=3), loader_factory=fake_factory)
+    st = broken / "checkpoints" / "step_00000003" / "model.safetensors"
+    data = bytearray(st.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 64] = bytes(64)
+    st.write_bytes(bytes(data))
+    with pytest.warns(CheckpointWarning, match="step_00000003.*model.safetensors"):
+        summary = pretrain(_tiny(broken, manifest), loader_factory=fake_factory)
+    assert summary["resumed_from"] == 2
+
+    def losses(out):
+        return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+                if json.loads(line)["kind"] == "train"]
+
+    assert losses(broken) == losses(clean)  # bitwise: CPU, float32, same seeds
+    assert (broken / "checkpoints" / ".corrupt-step_00000003").is_dir()

@@ -180,3 +180,38 @@ def test_token_logprobs_are_log_softmax():
 def test_bad_parameters_raise_user_errors(bad):
     with pytest.raises(UserError, match=next(iter(bad))):
         S.SamplingParams(**bad).validate(vocab_size=1000)
+
+
+# ---- issue 21 item 14: non-finite logits are named, not a multinomial RuntimeError -------
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_probabilities_raise_a_clear_error(bad):
+    logits = torch.randn(50)
+    logits[7] = bad
+    if bad == -math.inf:
+        logits[:] = -math.inf  # every token impossible: softmax is NaN everywhere
+    ids, probs = torch.arange(50), logits.softmax(-1)
+    with pytest.raises(S.NonFiniteLogits, match="non-finite logits"):
+        S.sample(ids, probs, torch.Generator().manual_seed(0))
+
+
+def test_nan_weights_end_generation_with_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    import qwen25
+    from qwen25.checkpoint import save_model
+
+    model = qwen25.build_model(qwen25.ModelConfig.preset("tiny"), seed=0)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = math.nan
+    eng = qwen25.Engine(model, max_batch_size=1, max_seq_len=32)
+    with pytest.raises(S.NonFiniteLogits, match="non-finite logits"):
+        eng.generate([[1, 2, 3]], max_new_tokens=2, temperature=1.0, seed=0)
+    path = save_model(model, tmp_path / "nan")
+    r = subprocess.run([sys.executable, "-m", "qwen25", "generate", str(path), "--tokenizer", "qwen2.5",
+                        "--prompt", "Hello", "--temperature", "1", "--max-new-tokens", "2", "--seed", "0"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and "non-finite logits" in r.stderr

@@ -8,6 +8,7 @@ boundary, 404/405/413/429/503, and an engine failure mid-stream (an error event,
 [DONE]) with the slot freed afterwards.
 """
 
+import json
 import time
 
 import httpx
@@ -52,6 +53,15 @@ CHAT = [
     {"messages": M, "response_format": {"type": "json_schema"}}, {"messages": M, "model": 123},
     {"messages": [{"role": "user", "content": "word " * 400}]},  # longer than the context
     {"messages": M, "stream_options": {"include_usage": "yes"}},
+    # issue 21: deep tool-call arguments and schemas, bad sampling values
+    {"messages": [M[0], {"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": "[" * 5000 + "]" * 5000}}]}]},
+    {"messages": [M[0], {"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": '{"a":' * 500 + "1" + "}" * 500}}]}]},
+    {"messages": M, "tools": [{"type": "function", "function": {"name": "f", "parameters": json.loads(
+        '{"a":' * 100 + "1" + "}" * 100)}}]},
+    {"messages": M, "repetition_penalty": -1}, {"messages": M, "repetition_penalty": "x"},
+    {"messages": M, "min_p": 2}, {"messages": M, "top_k": 1.5},
 ]
 COMPLETIONS_RAW = [b"{bad json", b"[]", b'{"prompt": "x", "max_tokens": 1e999}']
 COMPLETIONS = [
@@ -64,6 +74,9 @@ COMPLETIONS = [
     {"prompt": "x", "stop": {"a": 1}}, {"prompt": "x", "top_p": -1}, {"prompt": "x", "seed": "s"},
     {"prompt": "x", "max_tokens": "16"}, {"prompt": "x", "presence_penalty": "high"},
     {"prompt": "x", "stream_options": {"include_usage": 1}},
+    # issue 21: more prompts than the queue can ever hold (a 400 naming the limit, not a 429)
+    {"prompt": [[1, 2]] * 257, "max_tokens": 1}, {"prompt": ["a"] * 300, "max_tokens": 1},
+    {"prompt": "x", "repetition_penalty": 0}, {"prompt": "x", "top_p": 2},
 ]
 NOT_FOUND = [("/v1/chat/completions", {"messages": M, "model": "gpt-4"}),
              ("/v1/completions", {"prompt": "x", "model": "davinci-002"})]

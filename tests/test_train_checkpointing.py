@@ -136,3 +136,95 @@ def test_sigkill_during_saves_always_leaves_a_loadable_newest_checkpoint(tmp_pat
         last_seen = max(last_seen, latest.step)
         ck.remove_stale_temporaries(tmp_path)
     assert last_seen > 0
+
+
+# ---- issue 21 items 17-19, 21: verified resume, fallback, disk full, file modes ----------------
+
+def _flip_same_size(path, offset=None, n=64):
+    """Overwrite n bytes in place (the file keeps its size, so only a hash can tell)."""
+    data = bytearray(path.read_bytes())
+    start = len(data) // 2 if offset is None else offset
+    for i in range(start, min(start + n, len(data))):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+CORRUPTIONS = {
+    "model_bytes": ("model.safetensors", None),
+    "model_header": ("model.safetensors", 8),
+    "config": ("config.json", 2),
+    "state": ("trainer_state/state.json", 2),
+    "optimizer_json": ("trainer_state/optimizer.json", 2),
+    "optimizer_tensors": ("trainer_state/optimizer.safetensors", None),
+    "rng_header": ("trainer_state/rng.safetensors", 8),
+}
+
+
+@pytest.mark.parametrize("name", CORRUPTIONS)
+def test_same_size_corruption_of_the_newest_falls_back_to_the_previous(tmp_path, name):
+    model, opt = _trained()
+    _save(tmp_path, 1, model, opt, trainer_state={"stage": 0, "marker": 1})
+    newest = _save(tmp_path, 2, model, opt, trainer_state={"stage": 0, "marker": 2})
+    rel, offset = CORRUPTIONS[name]
+    size = (newest / rel).stat().st_size
+    _flip_same_size(newest / rel, offset, n=4 if rel.endswith(".json") else 64)
+    assert (newest / rel).stat().st_size == size and ck.is_complete(newest)  # sizes still agree
+    with pytest.warns(ck.CheckpointWarning, match=f"step_00000002.*{rel.split('/')[-1]}.*sha256"):
+        latest = ck.latest_checkpoint(tmp_path)
+    assert latest.step == 1 and latest.state["marker"] == 1
+    ck.load_optimizer_state(latest)
+    ck.load_rng_state(latest, 0)
+
+
+def test_resaving_a_step_whose_folder_is_corrupt_replaces_it(tmp_path):
+    """After falling back from a corrupt step 2, the run reaches step 2 again: the save must
+    write a fresh checkpoint (setting the bad one aside), not keep the corrupt folder."""
+    model, opt = _trained()
+    _save(tmp_path, 1, model, opt)
+    bad = _save(tmp_path, 2, model, opt)
+    _flip_same_size(bad / "model.safetensors")
+    with pytest.warns(ck.CheckpointWarning):
+        assert ck.latest_checkpoint(tmp_path).step == 1
+    _save(tmp_path, 2, model, opt)
+    assert ck.latest_checkpoint(tmp_path).step == 2  # no warning: verified
+    assert [p.name for p in tmp_path.glob(".corrupt-*")] == [".corrupt-step_00000002"]
+
+
+def test_disk_full_while_saving_is_one_line_and_keeps_earlier_checkpoints(tmp_path, monkeypatch):
+    import errno
+
+    from safetensors import SafetensorError
+
+    import qwen25.checkpoint as hf_ckpt
+
+    model, opt = _trained()
+    _save(tmp_path, 1, model, opt)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def full_rust(*args, **kwargs):  # what safetensors raises itself
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                              'message: "No space left on device" })')
+
+    for target, fn in ((ck, full), (hf_ckpt, full_rust)):
+        with monkeypatch.context() as m:
+            m.setattr(target, "save_file", fn)
+            with pytest.raises(ck.CheckpointSaveError, match="no space left on the disk of") as e:
+                _save(tmp_path, 2, model, opt)
+        assert "\n" not in str(e.value) and str(tmp_path) in str(e.value)
+        assert "step 1" in str(e.value)  # where a rerun resumes
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001"]  # no temp left
+        assert ck.latest_checkpoint(tmp_path).step == 1
+    assert _save(tmp_path, 2, model, opt).name == "step_00000002"  # space back: saving works
+
+
+def test_every_checkpoint_file_gets_the_usual_mode(tmp_path):
+    old = os.umask(0o022)
+    try:
+        model, opt = _trained()
+        path = _save(tmp_path, 1, model, opt)
+    finally:
+        os.umask(old)
+    modes = {str(p.relative_to(path)): oct(p.stat().st_mode & 0o777) for p in path.rglob("*") if p.is_file()}
+    assert set(modes.values()) == {"0o644"}, modes

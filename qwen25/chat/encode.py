@@ -49,12 +49,12 @@ class _Escaper:
         self.active = found is not None and any(found.search(s) for s in strings)
         if not self.active:
             return
-        used = {c for s in strings for c in _PRIVATE_RE.findall(s)}
-        free = (chr(cp) for cp in range(_PRIVATE_USE[0], _PRIVATE_USE[1] + 1) if chr(cp) not in used)
-        self.to_placeholder = {c: next(free) for c in self.controls}
+        placeholders = _placeholders(len(self.controls), strings)
+        self.to_placeholder = dict(zip(self.controls, placeholders))
         self.to_control = {p: c for c, p in self.to_placeholder.items()}
         self._find = found
-        self._back = re.compile("|".join(map(re.escape, self.to_control)))
+        back = sorted(self.to_control, key=len, reverse=True)  # a pair before a single character
+        self._back = re.compile("|".join(map(re.escape, back)))
 
     def escape(self, value: Any) -> Any:
         if not self.active:
@@ -71,6 +71,27 @@ class _Escaper:
         if not self.active:
             return text
         return self._back.sub(lambda m: self.to_control[m.group()], text)
+
+
+def _placeholders(n: int, strings: list[str]) -> list[str]:
+    """n strings that occur in none of `strings`: private-use characters they do not use,
+    then (for a caller who sent every one of them) pairs of private-use characters that
+    occur nowhere in them. A text of L characters holds at most L distinct pairs, far fewer
+    than the 1.7e10 there are, so the search always ends quickly."""
+    used = {c for s in strings for c in _PRIVATE_RE.findall(s)}
+    out = [chr(cp) for cp in range(_PRIVATE_USE[0], _PRIVATE_USE[1] + 1) if chr(cp) not in used][:n]
+    if len(out) == n:
+        return out
+    blob = "\0".join(strings)
+    cp = _PRIVATE_USE[0]
+    while len(out) < n:
+        for second in range(_PRIVATE_USE[0], _PRIVATE_USE[1] + 1):
+            pair = chr(cp) + chr(second)
+            if pair not in blob and not any(pair[0] == p or pair[1] == p for p in out if len(p) == 1):
+                out.append(pair)
+                break
+        cp += 1
+    return out
 
 
 def _strings(value: Any):

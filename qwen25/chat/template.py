@@ -22,8 +22,13 @@ turns OpenAI-style tool calls (`{"type": "function", "function": {"name", "argum
 
 from __future__ import annotations
 
+import functools
 import json
+import math
+import re
+import sys
 from collections.abc import Mapping
+from contextlib import contextmanager
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -78,7 +83,33 @@ def _tool_call(call: Any, where: str) -> dict:
             arguments = json.loads(arguments)
         except json.JSONDecodeError:
             pass
+        except RecursionError:
+            raise _too_deep(f"{where}.function.arguments") from None
+    _check_depth(arguments, f"{where}.function.arguments")
     return {"name": fn["name"], "arguments": arguments}
+
+
+MAX_JSON_DEPTH = 64  # nesting of tool schemas and arguments; rendering and encoding recurse on it
+
+
+def _too_deep(where: str) -> ChatError:
+    return ChatError(f"{where}: nested more than {MAX_JSON_DEPTH} levels deep; flatten it")
+
+
+def _check_depth(value: Any, where: str) -> None:
+    """Iterative (no recursion of its own): lists and objects nest at most MAX_JSON_DEPTH."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, Mapping):
+            children = v.values()
+        elif isinstance(v, (list, tuple)):
+            children = v
+        else:
+            continue
+        if depth > MAX_JSON_DEPTH:
+            raise _too_deep(where)
+        stack.extend((c, depth + 1) for c in children)
 
 
 def prepare_messages(messages: Any) -> list[dict]:
@@ -113,6 +144,8 @@ def prepare_tools(tools: Any) -> list | None:
         return None
     if not isinstance(tools, (list, tuple)) or not all(isinstance(t, Mapping) for t in tools):
         raise ChatError("tools must be a list of JSON schema objects")
+    for i, t in enumerate(tools):
+        _check_depth(t, f"tools[{i}]")
     return list(tools) or None
 
 
@@ -156,6 +189,18 @@ def render(messages: list[dict], tools: list | None = None, add_generation_promp
 
 
 # ---- any Jinja template --------------------------------------------------------------
+# A chat template shipped with a checkpoint is untrusted code. The immutable sandbox stops it
+# from reaching Python internals; these budgets stop it from hanging or exhausting the
+# process. They are far above what a chat template needs (the official one renders 400
+# messages in about 40K steps and a few KB) and are counted, not timed, so an outcome never
+# depends on the machine's load.
+MAX_TEMPLATE_STEPS = 5_000_000  # executed lines of template code (loop turns count each)
+MAX_TEMPLATE_CHARS = 16 * 2**20  # characters rendered, and the largest string/list built
+MAX_TEMPLATE_INT = 1 << 20  # largest integer a template may pass to a function or filter
+_WIDE_FORMAT = re.compile(r"\d{7,}")  # a width/precision that would build a huge string
+_TEMPLATE_FILE = "<template>"  # the file name Jinja compiles templates under
+
+
 def _raise_exception(message: str) -> None:
     raise ChatError(f"chat template: {message}")
 
@@ -164,36 +209,142 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
-@lru_cache(maxsize=16)
-def _compile(template: str):
-    from jinja2 import TemplateError
+def _too_big(what: str) -> ChatError:
+    return ChatError(f"chat template: {what} exceeds the rendering budget (at most "
+                     f"{MAX_TEMPLATE_CHARS:,} characters and integers up to {MAX_TEMPLATE_INT:,}); "
+                     "fix the template")
+
+
+def _check_arguments(args: tuple, kwargs: dict, formatting: bool = False) -> None:
+    for v in (*args, *kwargs.values()):
+        if isinstance(v, int) and not isinstance(v, bool) and abs(v) > MAX_TEMPLATE_INT:
+            raise _too_big(f"the integer argument {v}")
+        if formatting and isinstance(v, str) and _WIDE_FORMAT.search(v):
+            raise _too_big("a format width")
+
+
+def _check_result(value: Any) -> Any:
+    if isinstance(value, (str, list, tuple)) and len(value) > MAX_TEMPLATE_CHARS:
+        raise _too_big(f"a value of {len(value):,} items")
+    return value
+
+
+def _guard_filter(f):
+    @functools.wraps(f)  # keeps jinja's pass_context / pass_eval_ctx marks
+    def guarded(*args, **kwargs):
+        _check_arguments(args, kwargs, formatting=f.__name__ in ("do_format", "format"))
+        return _check_result(f(*args, **kwargs))
+    return guarded
+
+
+def _environment():
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    class BoundedEnvironment(ImmutableSandboxedEnvironment):
+        """The sandbox with size checks on every call and on the operators that grow data."""
+
+        intercepted_binops = frozenset({"*", "**", "+", "%"})
+
+        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja's signature)
+            formatting = getattr(__obj, "__name__", "") in ("format", "format_map")
+            _check_arguments(args, kwargs, formatting)
+            if formatting and isinstance(getattr(__obj, "__self__", None), str):
+                _check_arguments((__obj.__self__,), {}, True)
+            try:
+                return _check_result(super().call(__context, __obj, *args, **kwargs))
+            except OverflowError as e:  # the sandbox's own range limit
+                raise _too_big(str(e)) from None
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_TEMPLATE_CHARS:
+                        raise _too_big(f"a repetition of {len(seq):,} x {n:,} items")
+            elif operator == "**":
+                if isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and \
+                        right * math.log2(abs(left)) > 64 * 1024:
+                    raise _too_big(f"the power {left} ** {right}")
+            elif operator == "%" and isinstance(left, str) and _WIDE_FORMAT.search(left):
+                raise _too_big("a format width")
+            return _check_result(super().call_binop(context, operator, left, right))
+
+    env = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters = {name: _guard_filter(f) for name, f in env.filters.items()}
     env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: \
         json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
+    return env
+
+
+@lru_cache(maxsize=16)
+def _compile(template: str):
+    from jinja2 import TemplateError
+
     try:
-        return env.from_string(template)
+        return _environment().from_string(template)
     except TemplateError as e:
         raise ChatError(f"chat template does not compile: {e}") from None
+    except RecursionError:
+        raise ChatError("chat template does not compile: nested too deeply") from None
+
+
+@contextmanager
+def _step_budget(limit: int):
+    """Count executed lines in template frames (Jinja compiles templates to Python) and stop
+    the render past `limit`. Only template frames get a line tracer; any tracer installed
+    before (a debugger, coverage) is put back afterwards."""
+    steps = 0
+
+    def line_tracer(frame, event, arg):
+        nonlocal steps
+        if event == "line":
+            steps += 1
+            if steps > limit:
+                raise ChatError(f"chat template: rendering took more than {limit:,} steps (an "
+                                "endless or enormous loop?); fix the template")
+        return line_tracer
+
+    def call_tracer(frame, event, arg):
+        return line_tracer if frame.f_code.co_filename == _TEMPLATE_FILE else None
+
+    previous = sys.gettrace()
+    sys.settrace(call_tracer)
+    try:
+        yield
+    finally:
+        sys.settrace(previous)
 
 
 def render_jinja(template: str, messages: list[dict], tools: list | None = None,
                  add_generation_prompt: bool = False, **variables: Any) -> str:
     """Render a Jinja chat template in the sandbox, as transformers does. `variables` (e.g.
-    eos_token, bos_token) are passed to the template too."""
+    eos_token, bos_token) are passed to the template too. A template that runs past the
+    budgets above (steps, characters, integer sizes) or recurses without end raises
+    `ChatError`."""
     from jinja2 import TemplateError
 
     messages, tools = prepare_messages(messages), prepare_tools(tools)
+    compiled = _compile(template)
     try:
-        return _compile(template).render(messages=messages, tools=tools,
-                                         add_generation_prompt=add_generation_prompt, **variables)
+        out, size = [], 0
+        with _step_budget(MAX_TEMPLATE_STEPS):
+            for piece in compiled.generate(messages=messages, tools=tools,
+                                           add_generation_prompt=add_generation_prompt, **variables):
+                size += len(piece)
+                if size > MAX_TEMPLATE_CHARS:
+                    raise _too_big(f"the rendered text ({size:,} characters so far)")
+                out.append(piece)
+        return "".join(out)
+    except UserError:
+        raise
     except TemplateError as e:  # includes SecurityError from the sandbox
         raise ChatError(f"chat template failed: {e}") from None
-    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
-        if isinstance(e, UserError):
-            raise
+    except RecursionError:
+        raise ChatError("chat template: recursion too deep (a macro that calls itself without "
+                        "end?); fix the template") from None
+    except (MemoryError, OverflowError):
+        raise _too_big("a value") from None
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, ArithmeticError) as e:
         raise ChatError(f"chat template failed on these messages: {e}") from None

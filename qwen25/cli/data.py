@@ -89,12 +89,18 @@ def build_config(args: argparse.Namespace):
         root = fetch(quiet=args.quiet)
         base = to_dict(builtin_config(root=root))
         data = {**{k: base[k] for k in ("sources", "decontam")}, **data}
+    if not isinstance(data.get("sources", []), list):
+        raise UserError(f"config key sources must be a list of sources, got {data['sources']!r:.60}")
     sources = list(data.get("sources", []))
     for spec in args.source:
         name, path, extra = _options(spec, "--source")
         row = {"name": name, "path": path, **extra}
         if "chunk_chars" in row:
-            row["chunk_chars"] = int(row["chunk_chars"])
+            try:
+                row["chunk_chars"] = int(row["chunk_chars"])
+            except ValueError:
+                raise UserError(f"--source {spec!r}: chunk_chars={row['chunk_chars']!r} must be an "
+                                "integer >= 0 (characters per chunk)") from None
         sources.append(row)
     if sources:
         data["sources"] = sources

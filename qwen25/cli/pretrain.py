@@ -19,12 +19,43 @@ def configure(p: argparse.ArgumentParser) -> None:
     add_config_arguments(p, PretrainConfig)
 
 
-def run(args: argparse.Namespace) -> int:
-    from qwen25.train.config import PretrainConfig
+def _run_pretrain(cfg):
     from qwen25.train.pretrain import pretrain
 
+    return pretrain(cfg)
+
+
+def _last_logged_step(out: str) -> int:
+    """The last training step metrics.jsonl recorded (0 when none)."""
+    import json
+    from pathlib import Path
+
+    step = 0
+    try:
+        for line in (Path(out) / "metrics.jsonl").read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and rec.get("kind") == "train":
+                step = max(step, int(rec.get("step", 0)))
+    except OSError:
+        pass
+    return step
+
+
+def run(args: argparse.Namespace) -> int:
+    from qwen25.errors import UserError
+    from qwen25.train.config import PretrainConfig
+    from qwen25.train.loop import TrainingDiverged
+
     cfg = config_from_args(PretrainConfig, args)
-    summary = pretrain(cfg)
+    try:
+        summary = _run_pretrain(cfg)
+    except TrainingDiverged as e:
+        # The guard aborts inside a step; the steps before it (skipped ones too) are logged.
+        raise UserError(f"training diverged at step {_last_logged_step(cfg.out) + 1} (lr {cfg.lr:g}): "
+                        f"{e}") from None
     if summary.get("interrupted") or "final" not in summary:
         return 0
     print(f"done: {summary['step']} steps, {summary['tokens']:,} tokens; model in {summary['final']}")

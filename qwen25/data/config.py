@@ -284,15 +284,20 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"config file {p} not found; pass an existing .json or .toml file")
-    text = p.read_text(encoding="utf-8")
     try:
+        text = p.read_text(encoding="utf-8")
         if p.suffix == ".toml":
             import tomllib
 
-            return tomllib.loads(text)
-        return json.loads(text)
-    except (ValueError, ImportError) as e:
+            data = tomllib.loads(text)
+        else:
+            data = json.loads(text)
+    except (ValueError, ImportError, OSError) as e:  # UnicodeDecodeError is a ValueError
         raise UserError(f"config file {p} is not valid {p.suffix.lstrip('.') or 'JSON'}: {e}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {p} must hold an object of config keys, not "
+                        f"{type(data).__name__}")
+    return data
 
 
 def apply_override(data: dict[str, Any], assignment: str) -> None:

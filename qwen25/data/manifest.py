@@ -9,7 +9,7 @@ Written last by `pipeline.prepare` (temporary name, then rename), read by `Packe
                                          <|endoftext|> when the vocabulary has it),
   "tokenizer": {"spec", "class", "vocab_size", "eos_token_id" (the tokenizer's own eos)},
   "config": DataConfig as plain data,
-  "inputs": {source: {"path", "files", "bytes", "sha256" (over relpath + file sha256), "files_ignored"}},
+  "inputs": {source: {"path", "files", "bytes", "sha256" (over relpath + file sha256), "files_ignored", "files_not_regular"}},
   "counts": {
     "sources": {source: {"docs_in", "bytes_in", "kept", "drops": {reason: n}}},
     "drops": {reason: n},                       # all sources

@@ -40,7 +40,25 @@ def normalize(text: str) -> str:
     return text[start:]
 
 
+_KEY_CHUNK = 1 << 20  # characters folded at a time: memory stays flat for a 200 MB document
+
+
 def dedup_key(text: str) -> bytes:
-    """16-byte digest of the case-folded, whitespace-collapsed text (exact-duplicate key)."""
-    canon = _SPACE.sub(" ", text.casefold()).strip()
-    return hashlib.blake2b(canon.encode(), digest_size=16).digest()
+    """16-byte digest of the case-folded, whitespace-collapsed text (exact-duplicate key).
+
+    The canonical form is `_SPACE.sub(" ", text.casefold()).strip()`, hashed chunk by chunk
+    (case folding maps each character on its own, so chunks fold independently; a blank run
+    cut by a chunk boundary is still one space)."""
+    h = hashlib.blake2b(digest_size=16)
+    started = pending_space = False
+    for i in range(0, len(text), _KEY_CHUNK):
+        piece = _SPACE.sub(" ", text[i:i + _KEY_CHUNK].casefold())
+        core = piece.strip(" ")
+        if not core:
+            pending_space = pending_space or (started and bool(piece))
+            continue
+        if started and (pending_space or piece[0] == " "):
+            h.update(b" ")
+        h.update(core.encode())
+        started, pending_space = True, piece[-1] == " "
+    return h.digest()

@@ -119,6 +119,8 @@ def _split_summary(shards: list) -> dict:
 
 def _prepare_out(out: Path, fingerprint: str) -> tuple[Path, dict | None]:
     """The work folder `<out>.partial` and the resume point in it for this run (or None: fresh)."""
+    if (out.exists() or out.is_symlink()) and not out.is_dir():
+        raise UserError(f"output folder {out} exists and is not a folder; choose another --out")
     if out.exists() and any(out.iterdir()) and not (out / MANIFEST).is_file():
         raise UserError(f"output folder {out} exists and is not a qwen25 dataset; choose another --out "
                         "or empty it")
@@ -126,7 +128,11 @@ def _prepare_out(out: Path, fingerprint: str) -> tuple[Path, dict | None]:
     state = load_checkpoint(work, fingerprint)
     if state is None:
         shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
+        try:
+            work.mkdir(parents=True)
+        except OSError as e:
+            raise UserError(f"cannot create the output folder {out} ({e.strerror or e}); choose an "
+                            "--out in a writable place") from None
     return work, state
 
 
@@ -181,7 +187,8 @@ def _manifest(cfg: DataConfig, run: Run, tokenizer, stats: dict[str, SourceStats
                       "eos_token_id": getattr(tokenizer, "eos_token_id", None)},
         "config": to_dict(cfg),
         "inputs": {s.name: {"path": s.path, "files": stats[s.name].files, "bytes": stats[s.name].bytes,
-                            "sha256": stats[s.name].sha256, "files_ignored": stats[s.name].files_ignored}
+                            "sha256": stats[s.name].sha256, "files_ignored": stats[s.name].files_ignored,
+                            "files_not_regular": stats[s.name].files_not_regular}
                    for s in cfg.sources},
         "counts": {"sources": run.ledger.per_source(), "drops": dict(sorted(run.ledger.totals().items())),
                    "domains": {d: dict(c) for d, c in sorted(run.domains.items())}},

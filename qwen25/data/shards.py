@@ -22,6 +22,7 @@ from __future__ import annotations
 import array
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,10 +57,41 @@ def separator_id(tok) -> int:
     return int(sep)
 
 
+# Texts longer than this are encoded piece by piece: a Python list of ids costs ~36 bytes per
+# token, so one 200 MB document would otherwise need gigabytes at once.
+PIECE_CHARS = 1 << 20
+# A single space between two non-blank characters: every pre-tokenizer of the Qwen/GPT family
+# starts a new piece there (the space joins the next word), so cutting before it changes no id.
+_SAFE_CUT = re.compile(r"(?<=\S) (?=\S)")
+
+
+def split_for_encoding(text: str, size: int = PIECE_CHARS) -> list[str]:
+    """`text` cut before single spaces into pieces of about `size` characters (a text with
+    no such space stays whole); encoding the pieces gives the ids of the whole text."""
+    pieces, start = [], 0
+    while len(text) - start > size:
+        m = _SAFE_CUT.search(text, start + size // 2, start + size)
+        if m is None:
+            m = _SAFE_CUT.search(text, start + size)
+            if m is None:
+                break
+        pieces.append(text[start:m.start()])
+        start = m.start()
+    pieces.append(text[start:])
+    return pieces
+
+
 def tokenize(tok, texts: list[str], num_threads: int | None = None) -> list[np.ndarray]:
     """Token ids of each text, as uint32 arrays (no EOS appended)."""
     if not texts:
         return []
+    if any(len(t) > PIECE_CHARS for t in texts):
+        return [np.concatenate([_encode(tok, [p], num_threads)[0] for p in split_for_encoding(t)])
+                if len(t) > PIECE_CHARS else _encode(tok, [t], num_threads)[0] for t in texts]
+    return _encode(tok, texts, num_threads)
+
+
+def _encode(tok, texts: list[str], num_threads: int | None) -> list[np.ndarray]:
     batches = tok.encode_batch(texts, num_threads=num_threads) if num_threads else tok.encode_batch(texts)
     # array.array converts a list of ints about 3x faster than np.asarray; the view is zero-copy.
     return [np.frombuffer(array.array(_TYPECODE, ids), dtype=DTYPE) for ids in batches]

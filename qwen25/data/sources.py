@@ -25,6 +25,7 @@ import gzip
 import hashlib
 import json
 import os
+import stat
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -76,6 +77,7 @@ class SourceStats:
     files: int = 0
     bytes: int = 0
     files_ignored: int = 0  # folder entries with an extension that is not read
+    files_not_regular: int = 0  # entries skipped as not regular files (dangling links, FIFOs, sockets)
     bytes_read: int = 0  # raw bytes read so far, live (for progress bars)
     _digest: object = field(default_factory=hashlib.sha256, repr=False)
 
@@ -107,29 +109,46 @@ def _format_of(path: Path, declared: str) -> str:
     return "text"
 
 
-def list_files(src: SourceConfig) -> tuple[list[tuple[Path, str]], int]:
+def list_files(src: SourceConfig) -> tuple[list[tuple[Path, str]], int, int]:
     """The source's files in a fixed (sorted) order, with paths relative to the source root,
-    and the number of folder entries skipped for their extension.
+    the number of folder entries skipped for their extension, and the number skipped because
+    they are not regular files (a dangling symlink, a FIFO that would block the read, a
+    socket or device): those are counted, never opened.
 
     Raises `UserError` when nothing matches: a misspelt path is a mistake, not an empty source.
     """
     root = Path(src.path)
-    if root.is_file():
-        return [(root, root.name)], 0
+    if _is_regular(str(root)):
+        return [(root, root.name)], 0, 0
     if root.is_dir():
         exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in src.extensions)
-        files, ignored = [], 0
+        files, ignored, odd = [], 0, 0
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__pycache__")
             for fn in sorted(filenames):
-                if _wanted(fn.lower(), exts):
-                    full = os.path.join(dirpath, fn)
-                    files.append((Path(full), os.path.relpath(full, root).replace(os.sep, "/")))
-                else:
+                full = os.path.join(dirpath, fn)
+                if not _wanted(fn.lower(), exts):
                     ignored += 1
-        return (files, ignored) if files else _none_found(src)
-    matches = sorted(m for m in glob.glob(src.path, recursive=True) if os.path.isfile(m))
-    return ([(Path(m), m) for m in matches], 0) if matches else _none_found(src)
+                elif not _is_regular(full):
+                    odd += 1
+                else:
+                    files.append((Path(full), os.path.relpath(full, root).replace(os.sep, "/")))
+        return (files, ignored, odd) if files else _none_found(src)
+    if root.exists() or root.is_symlink():
+        raise UserError(f"source {src.name!r}: {src.path} is not a regular file or folder (a FIFO, "
+                        "socket, device or broken link); give a file, a folder or a glob")
+    candidates = glob.glob(src.path, recursive=True)
+    matches = sorted(m for m in candidates if _is_regular(m))
+    odd = sum(1 for m in candidates if not os.path.isdir(m) and not _is_regular(m))
+    return ([(Path(m), m) for m in matches], 0, odd) if matches else _none_found(src)
+
+
+def _is_regular(path: str) -> bool:
+    """A regular file after following links (False for a dangling or looping link)."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _wanted(name: str, exts: tuple[str, ...]) -> bool:
@@ -153,7 +172,7 @@ def _none_found(src: SourceConfig):
 def read_source(src: SourceConfig, skip: Skip, stats: SourceStats, strict: bool = False
                 ) -> Iterator[Document]:
     """Stream the documents of one source, in file order then record order."""
-    files, stats.files_ignored = list_files(src)
+    files, stats.files_ignored, stats.files_not_regular = list_files(src)
     for path, rel in files:
         fmt = _format_of(path, src.format)
         reader = {"jsonl": _read_jsonl, "parquet": _read_parquet}.get(fmt, _read_text_file)
@@ -235,19 +254,22 @@ def _read_jsonl(src, path, rel, fmt, skip, stats, strict):
         hashing = _HashingReader(raw, stats)
         stream = gzip.GzipFile(fileobj=hashing) if path.name.lower().endswith(".gz") else hashing
         lineno = 0
-        buf = b""
+        parts: list[bytes] = []  # the current line's pieces (joined once: a long line is not recopied)
         while True:
             block = stream.read(1 << 20)
             if not block:
                 break
-            buf += block
-            *lines, buf = buf.split(b"\n")
-            for line in lines:
+            start = 0
+            while (nl := block.find(b"\n", start)) >= 0:
+                parts.append(block[start:nl])
+                line, parts = b"".join(parts), []
                 lineno += 1
                 yield from _jsonl_record(src, rel, lineno, line, kind, skip, strict)
-        if buf:
+                start = nl + 1
+            parts.append(block[start:])
+        if any(parts):
             lineno += 1
-            yield from _jsonl_record(src, rel, lineno, buf, kind, skip, strict)
+            yield from _jsonl_record(src, rel, lineno, b"".join(parts), kind, skip, strict)
         stats.add_file(rel, hashing.n, hashing.sha.hexdigest())
 
 

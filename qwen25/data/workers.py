@@ -75,7 +75,9 @@ def process_batch(docs: list[Document | Skipped]) -> list[Result]:
         if not text.strip():
             out.append(Result(text, nbytes, "empty"))
             continue
-        tokens = words(text)  # shared by the repetition rules, MinHash and decontamination
+        # The words are shared by the repetition rules, MinHash and decontamination; they cost
+        # about 40 bytes per character, so they are built only when one of those runs.
+        tokens = words(text) if cfg.filters.enabled or cfg.dedup.near or index is not None else None
         rule = first_failure(text, doc.kind, cfg.filters, _WORKER["off"].get(doc.source, frozenset()), tokens)
         if rule:
             out.append(Result(text, nbytes, f"filter:{rule}"))

@@ -32,6 +32,7 @@ from qwen25.errors import UserError
 GREEDY_TEMPERATURE = 1e-5  # at or below this, sampling is argmax (dividing would overflow)
 TOP_P_CANDIDATES = 1024  # top-p looks at this many best tokens before sorting the whole vocab
 MAX_LOGPROBS = 20  # as the OpenAI API
+_F32_MAX = torch.finfo(torch.float32).max
 
 
 @dataclass(frozen=True)
@@ -194,11 +195,26 @@ def candidates(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0,
     return ids, probs
 
 
+class NonFiniteLogits(UserError):
+    """The model produced NaN/inf logits: its weights hold NaN/inf, or the dtype overflowed."""
+
+
 def sample(ids: torch.Tensor, probs: torch.Tensor, generator: torch.Generator | None) -> int:
-    """Draw one of `ids` with probabilities `probs` using only `generator`'s randomness."""
+    """Draw one of `ids` with probabilities `probs` using only `generator`'s randomness.
+
+    Raises NonFiniteLogits when `probs` is not a distribution (the check runs only after
+    torch refused the draw, so the common path pays nothing)."""
     if ids.numel() == 1:
         return int(ids[0])
-    return int(ids[torch.multinomial(probs, 1, generator=generator)])
+    try:
+        return int(ids[torch.multinomial(probs, 1, generator=generator)])
+    except RuntimeError:
+        if bool(torch.isfinite(probs).all()) and bool((probs >= 0).all()):
+            raise  # not the model's numbers: a bug
+        raise NonFiniteLogits(
+            "the model produced non-finite logits (NaN or inf), so no token can be sampled: the "
+            "checkpoint's weights hold NaN/inf values or the dtype overflowed; check the weights "
+            "(re-download or re-save them) or load the model in float32") from None
 
 
 def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
@@ -212,7 +228,13 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
     logits = penalize(logits, params, seen, counts)
     if params.greedy:
         return int(logits.argmax())
-    ids, probs = candidates(logits / params.temperature, params.top_k, params.top_p, params.min_p)
+    scaled = logits / params.temperature
+    if params.repetition_penalty != 1.0:
+        # A tiny penalty (1e-39) divides positive logits past float32's range: +inf would make
+        # the softmax NaN. Clamping keeps the order (ties aside) and a valid distribution;
+        # NaN from the model itself stays NaN and is reported by `sample`.
+        scaled = scaled.clamp(-_F32_MAX, _F32_MAX)
+    ids, probs = candidates(scaled, params.top_k, params.top_p, params.min_p)
     return sample(ids, probs, generator)
 
 

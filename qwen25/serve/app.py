@@ -11,8 +11,12 @@ GET /tokenizer_info (lm-evaluation-harness uses them as a remote tokenizer).
 Bodies are read and parsed here, not by FastAPI's parameter binding, so that every failure
 (not JSON, not an object, too large, a field of the wrong type) is a 400/413 with the
 OpenAI error body and the offending field as `param`. With API keys configured, every
-/v1 route needs `Authorization: Bearer KEY` (compared in constant time); /health, /metrics
-and the tokenizer routes stay open, as in vLLM and llama.cpp.
+/v1 route and POST /tokenize and /detokenize need `Authorization: Bearer KEY` (compared in
+constant time): those two do work proportional to what a caller sends, so an anonymous
+caller could load the server with them (vLLM leaves them open; we do not). /health,
+/version, /metrics and /tokenizer_info stay open: they are cheap and read only. Both
+tokenizer routes run in a worker thread (the event loop keeps serving streams meanwhile);
+/tokenize takes at most the body limit, /detokenize at most MAX_DETOKENIZE ids.
 
 Shutdown: on SIGTERM the server stops accepting connections, answers 503 to requests that
 still arrive on open connections, lets running requests finish (up to `shutdown_timeout`
@@ -45,6 +49,8 @@ from qwen25.serve.schemas import (ChatCompletionRequest, CompletionRequest, Deto
 from qwen25.serve.state import ServerState, check_accepting
 
 log = logging.getLogger("qwen25.serve")
+MAX_DETOKENIZE = 1 << 20  # ids per /detokenize request (a decode of 2M ids takes about a second)
+KEYED_ROUTES = ("/tokenize", "/detokenize")  # outside /v1 but keyed (see the module docstring)
 ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/version", "/metrics",
           "/tokenize", "/detokenize", "/tokenizer_info")
 
@@ -59,6 +65,11 @@ def error_response(err: APIError) -> JSONResponse:
 
 async def read_body(http: HTTPRequest, limit: int) -> dict:
     """The JSON object of the body; 413 past `limit` bytes, 400 for anything but an object."""
+    return parse_body(await read_raw(http, limit))
+
+
+async def read_raw(http: HTTPRequest, limit: int) -> bytes:
+    """The body's bytes; 413 past `limit` bytes."""
     declared = http.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise APIError(413, f"The request body is {declared} bytes; the limit is {limit}.", code="request_too_large")
@@ -69,7 +80,11 @@ async def read_body(http: HTTPRequest, limit: int) -> dict:
             raise APIError(413, f"The request body is larger than the limit of {limit} bytes.",
                            code="request_too_large")
         chunks.append(chunk)
-    raw = b"".join(chunks)
+    return b"".join(chunks)
+
+
+def parse_body(raw: bytes) -> dict:
+    """The JSON object in `raw`; 400 for anything but an object."""
     if not raw.strip():
         raise invalid("The request body is empty; send a JSON object.")
     try:
@@ -161,16 +176,16 @@ def create_app(state: ServerState) -> FastAPI:
         return ModelCard(id=state.config.served_model_name, created=state.started,
                          root=state.config.model_path or None, max_model_len=state.max_model_len)
 
-    @app.get("/v1/models")
+    @app.api_route("/v1/models", methods=["GET", "HEAD"])
     async def models():
         return ModelList(data=[card()]).dump()
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.api_route("/v1/models/{model_id:path}", methods=["GET", "HEAD"])
     async def model(model_id: str):
         state.resolve_model(model_id)
         return card().dump()
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         if state.worker.fatal is not None or not state.worker.alive:
             return error_response(APIError(503, "The engine is not running.", code="engine_dead"))
@@ -178,7 +193,7 @@ def create_app(state: ServerState) -> FastAPI:
             return error_response(APIError(503, "The server is shutting down.", code="shutting_down"))
         return {"status": "ok"}
 
-    @app.get("/version")
+    @app.api_route("/version", methods=["GET", "HEAD"])
     async def version():
         return {"version": qwen25.__version__}
 
@@ -190,27 +205,39 @@ def create_app(state: ServerState) -> FastAPI:
                     "qwen25_num_requests_waiting": ("Requests queued for a slot or being prefilled.", waiting)}
         return PlainTextResponse(state.metrics.render(gauges), media_type=CONTENT_TYPE)
 
-    @app.post("/tokenize")
-    async def tokenize(http: HTTPRequest):
-        body = await read_body(http, state.config.max_body_bytes)
+    # The tokenizer routes parse, validate, encode and render their JSON in a worker thread:
+    # a 10 MB body or a million ids takes seconds, which the event loop (every stream's
+    # tokens, /health) must not wait for.
+    def tokenize_sync(raw: bytes) -> JSONResponse:
+        body = parse_body(raw)
         req = validate(TokenizeRequest, body)
         state.resolve_model(req.model)
         if req.prompt is not None:
             ids = state.tokenizer.encode(req.prompt, allow_special=True)
         else:
             messages = [template_message(m) for m in req.messages]
-            ids = await run_in_threadpool(build_prompt, state.tokenizer, messages, body.get("tools") or None, "")
-        return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=state.max_model_len).dump()
+            ids = build_prompt(state.tokenizer, messages, body.get("tools") or None, "")
+        return JSONResponse(TokenizeResponse(tokens=ids, count=len(ids), max_model_len=state.max_model_len).dump())
 
-    @app.post("/detokenize")
-    async def detokenize(http: HTTPRequest):
-        req = validate(DetokenizeRequest, await read_body(http, state.config.max_body_bytes))
+    def detokenize_sync(raw: bytes) -> JSONResponse:
+        req = validate(DetokenizeRequest, parse_body(raw))
         state.resolve_model(req.model)
+        if len(req.tokens) > MAX_DETOKENIZE:
+            raise invalid(f"tokens: {len(req.tokens)} ids is more than the {MAX_DETOKENIZE} one request may "
+                          "decode; split the list", param="tokens")
         vocab = len(state.tokenizer)
         bad = next((t for t in req.tokens if not 0 <= t < vocab), None)
         if bad is not None:
             raise invalid(f"token id {bad} is out of vocabulary (0..{vocab - 1})", param="tokens")
-        return DetokenizeResponse(prompt=state.tokenizer.decode(req.tokens)).dump()
+        return JSONResponse(DetokenizeResponse(prompt=state.tokenizer.decode(req.tokens)).dump())
+
+    @app.post("/tokenize")
+    async def tokenize(http: HTTPRequest):
+        return await run_in_threadpool(tokenize_sync, await read_raw(http, state.config.max_body_bytes))
+
+    @app.post("/detokenize")
+    async def detokenize(http: HTTPRequest):
+        return await run_in_threadpool(detokenize_sync, await read_raw(http, state.config.max_body_bytes))
 
     @app.get("/tokenizer_info")
     async def tokenizer_info():
@@ -243,7 +270,8 @@ class _Gate:
 
         try:
             error = None
-            if self.keys and path.startswith("/v1/") and scope["method"] != "OPTIONS" and not self._authorized(scope):
+            keyed = path.startswith("/v1/") or path in KEYED_ROUTES
+            if self.keys and keyed and scope["method"] != "OPTIONS" and not self._authorized(scope):
                 error = APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
                                  code="invalid_api_key")
             elif scope["method"] == "POST":

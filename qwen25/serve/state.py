@@ -126,8 +126,13 @@ def check_accepting(state: ServerState) -> None:
 
 
 def submit(state: ServerState, job: Job) -> None:
-    """Queue `job` (raises 429 when the queue is full, 503 when shutting down)."""
+    """Queue `job` (raises 429 when the queue is full, 503 when shutting down, 400 when it
+    holds more prompts than the queue can ever take: retrying that could never succeed)."""
     check_accepting(state)
+    limit = state.worker.max_queue
+    if len(job.prompts) > limit:
+        raise invalid(f"the request holds {len(job.prompts)} prompts; this server queues at most {limit} "
+                      "(--max-queue): send them in several requests", param="prompt")
     state.worker.submit(job, asyncio.get_running_loop())
 
 

@@ -115,11 +115,12 @@ def load_tokenizer(path_or_name: str | os.PathLike = "qwen2.5") -> Tokenizer:
     if not folder.is_dir():
         raise TokenizerFileError(f"tokenizer {name!r} not found: give an HF tokenizer folder "
                                  f"or one of {', '.join(BUILTIN_NAMES)}")
-    config = _read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").exists() else {}
+    config_path = folder / "tokenizer_config.json"
+    config = _check_config(_read_json(config_path), config_path) if _present(config_path) else {}
     tj_path = path if path.is_file() else folder / "tokenizer.json"
-    if tj_path.exists():
-        data = _read_json(tj_path)
-        added = [AddedToken(int(t["id"]), t["content"], bool(t.get("special", False)))
+    if _present(tj_path):
+        data = _check_tokenizer_json(_read_json(tj_path), tj_path)
+        added = [AddedToken(t["id"], t["content"], bool(t.get("special", False)))
                  for t in data.get("added_tokens", [])]
     elif (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
         data, added = _json_from_slow_files(folder, config)
@@ -150,10 +151,95 @@ def builtin_tokenizer() -> Tokenizer:
                      source=BuiltinSource(), name_or_path="qwen2.5")
 
 
+def _present(path: Path) -> bool:
+    return path.exists() or path.is_symlink()  # a dangling link or a loop is "there" but bad
+
+
+def _expect(ok: bool, path: Path, message: str) -> None:
+    if not ok:
+        raise TokenizerFileError(f"{path}: {message}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_added(tokens: Any, path: Path, where: str) -> None:
+    """Entries of tokenizer.json's added_tokens: {"id": int >= 0, "content": str, ...}."""
+    _expect(isinstance(tokens, list), path, f"{where} must be a list of {{'id', 'content'}} objects")
+    for i, t in enumerate(tokens):
+        _expect(isinstance(t, dict) and _is_int(t.get("id")), path,
+                f"{where}[{i}]: needs an integer 'id', got {t!r:.60}")
+        _expect(isinstance(t.get("content"), str) and t["content"] != "", path,
+                f"{where}[{i}]: needs a string 'content', got {t!r:.60}")
+        _expect(t["id"] >= 0, path, f"{where}[{i}]: id {t['id']} must be >= 0")
+
+
+def _check_vocab_and_merges(vocab: Any, merges: Any, path: Path, vocab_name: str = "model.vocab") -> None:
+    _expect(isinstance(vocab, dict) and vocab, path, f"{vocab_name} must be an object of token: id")
+    for token, i in vocab.items():
+        if not _is_int(i) or i < 0:
+            raise TokenizerFileError(f"{path}: {vocab_name}[{token!r:.40}] = {i!r:.40}; ids must be "
+                                     "integers 0..n-1")
+    if merges is None:
+        return
+    _expect(isinstance(merges, list), path, "model.merges must be a list of [left, right] pairs")
+    for i, m in enumerate(merges):
+        pair = m.split(" ") if isinstance(m, str) else m
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) and x for x in pair)):
+            raise TokenizerFileError(f"{path}: model.merges[{i}] = {m!r:.60} is not a pair of tokens "
+                                     "(\"a b\" or [\"a\", \"b\"])")
+
+
+def _check_tokenizer_json(data: Any, path: Path) -> dict:
+    """The parts of tokenizer.json this package reads, checked before they are used."""
+    _expect(isinstance(data, dict), path, "expected a JSON object (an HF tokenizer.json)")
+    _expect(isinstance(data.get("model"), dict), path, "'model' must be an object (the BPE model)")
+    if data["model"].get("type") == "BPE":
+        _check_vocab_and_merges(data["model"].get("vocab"), data["model"].get("merges", []), path)
+    _check_added(data.get("added_tokens", []), path, "added_tokens")
+    for key in ("normalizer", "pre_tokenizer", "decoder", "post_processor"):
+        _expect(data.get(key) is None or isinstance(data[key], dict), path,
+                f"{key!r} must be an object or null")
+    return data
+
+
+# tokenizer_config.json keys we read, and the JSON types they may have.
+_CONFIG_TYPES: dict[str, tuple[type, ...]] = {
+    "eos_token": (str, dict, type(None)), "pad_token": (str, dict, type(None)),
+    "bos_token": (str, dict, type(None)), "chat_template": (str, list, type(None)),
+    "model_max_length": (int, float, type(None)), "tokenizer_class": (str, type(None)),
+    "added_tokens_decoder": (dict,),
+}
+
+
+def _check_config(config: Any, path: Path) -> dict:
+    _expect(isinstance(config, dict), path, "expected a JSON object (an HF tokenizer_config.json)")
+    for key, types in _CONFIG_TYPES.items():
+        if key in config:
+            v = config[key]
+            _expect(isinstance(v, types) and not isinstance(v, bool), path,
+                    f"{key}={v!r:.60} has the wrong type (expected {' or '.join(t.__name__ for t in types)})")
+    for key in ("eos_token", "pad_token", "bos_token"):
+        if isinstance(config.get(key), dict):
+            _expect(isinstance(config[key].get("content"), str), path, f"{key} needs a string 'content'")
+    limit = config.get("model_max_length")
+    if limit is not None:
+        _expect(limit > 0, path, f"model_max_length={limit} must be positive")
+    for i, t in config.get("added_tokens_decoder", {}).items():
+        _expect(str(i).isdigit(), path, f"added_tokens_decoder key {i!r:.40} must be a token id")
+        _expect(isinstance(t, dict) and isinstance(t.get("content"), str) and t["content"] != "", path,
+                f"added_tokens_decoder[{i}] needs a string 'content'")
+    return config
+
+
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except OSError as e:  # a directory, a symlink loop, no permission
+        raise TokenizerFileError(f"cannot read {path}: {path.name}: cannot be read "
+                                 f"({e.strerror or e}); it must be a JSON file") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise TokenizerFileError(f"cannot read {path}: {e}") from None
 
 
@@ -163,11 +249,19 @@ def _json_from_slow_files(folder: Path, config: dict) -> tuple[dict, list[AddedT
         raise TokenizerFileError(f"{folder}: tokenizer_class {cls!r} with only vocab.json + "
                                  "merges.txt is not supported; provide tokenizer.json")
     vocab = _read_json(folder / "vocab.json")
-    lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+    _check_vocab_and_merges(vocab, None, folder / "vocab.json", "vocab")
+    try:
+        lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise TokenizerFileError(f"{folder / 'merges.txt'}: cannot be read ({e})") from None
     merges = [tuple(line.split(" ", 1)) for line in lines if line and not line.startswith("#version")]
+    _check_vocab_and_merges(vocab, [list(m) for m in merges], folder / "merges.txt", "vocab")
     added = [AddedToken(int(i), t["content"], bool(t.get("special", False)))
              for i, t in config.get("added_tokens_decoder", {}).items()]
-    return build_tokenizer_json(vocab, merges, added), added
+    try:
+        return build_tokenizer_json(vocab, merges, added), added
+    except Exception as e:  # tokenizers rejects merges of unknown tokens (its own exception type)
+        raise TokenizerFileError(f"{folder}: vocab.json and merges.txt do not fit together ({e})") from None
 
 
 def _config_token(value: Any) -> str | None:
@@ -178,8 +272,12 @@ def _config_token(value: Any) -> str | None:
 
 def _chat_template(config: dict, folder: Path) -> str | None:
     jinja = folder / "chat_template.jinja"
-    if jinja.exists():
-        return jinja.read_text(encoding="utf-8")
+    if _present(jinja):
+        try:
+            return jinja.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise TokenizerFileError(f"{jinja}: cannot be read ({getattr(e, 'strerror', None) or e}); "
+                                     "it must be a UTF-8 text file") from None
     template = config.get("chat_template")
     if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
@@ -234,7 +332,11 @@ def _tokenizer_from_json(data: dict, added: list[AddedToken], config: dict, fold
     if _is_qwen_pipeline(data) and _is_builtin_vocab(data):
         engine: Any = _builtin_engine()
     else:
-        engine = HFEngine(data)
+        try:
+            engine = HFEngine(data)
+        except Exception as e:  # tokenizers' own exception type for a pipeline it cannot build
+            raise TokenizerFileError(f"{folder}: tokenizer.json is not a usable HF tokenizer "
+                                     f"({str(e)[:200]})") from None
     return Tokenizer(engine=engine, regular=regular, added=added,
                      eos_token=_config_token(config.get("eos_token")),
                      pad_token=_config_token(config.get("pad_token")),

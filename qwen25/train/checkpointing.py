@@ -19,8 +19,12 @@ Layout of a run folder (`OUT/checkpoints/`):
 Atomicity: everything is written into `.tmp-step_N`, each file fsynced, `COMPLETE.json`
 last, then the folder is renamed to `step_N` (one `rename`, atomic on POSIX) and the parent
 fsynced. A kill at any moment therefore leaves either the previous set of checkpoints or the
-previous set plus a complete new one; `latest_checkpoint` also re-checks the sizes listed in
-`COMPLETE.json`. Old checkpoints are renamed to `.trash-...` before they are deleted, so a
+previous set plus a complete new one. `latest_checkpoint` re-checks the sizes listed in
+`COMPLETE.json` for every candidate and the sha256 values for the one it returns: a newest
+checkpoint corrupted in place (same size, other bytes) is skipped with a `CheckpointWarning`
+and the previous complete one is used; saving that step again sets the bad folder aside as
+`.corrupt-step_N`. A save that fails (disk full) removes its temporary folder and raises
+`CheckpointSaveError` naming the disk, leaving the earlier checkpoints as they were. Old checkpoints are renamed to `.trash-...` before they are deleted, so a
 kill during pruning never leaves a half-deleted folder named like a checkpoint.
 
 Only rank 0 writes (per-rank states are gathered to it); every rank reads, which assumes the
@@ -30,18 +34,21 @@ tensors go through safetensors, everything else through JSON.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from qwen25.checkpoint import save_model
+from qwen25.checkpoint import make_readable, save_model
 from qwen25.config import ModelConfig
 from qwen25.errors import UserError
 from qwen25.model.model import Transformer
@@ -55,6 +62,14 @@ _SLOT_SEP = "::"  # "<parameter name>::<optimizer slot>" in optimizer.safetensor
 
 class ResumeError(UserError):
     """A checkpoint that cannot continue this run (incompatible model or config)."""
+
+
+class CheckpointSaveError(UserError):
+    """A checkpoint could not be written (disk full, no permission); earlier ones are intact."""
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint was skipped at resume because its files do not match COMPLETE.json."""
 
 
 @dataclass(frozen=True)
@@ -91,15 +106,50 @@ def save_checkpoint(root: str | Path, step: int, *, model_state: dict[str, torch
     extra_files: plain files copied in beside the weights (tokenizer files).
     """
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
-    if final.exists():  # this exact step was saved before (e.g. a save on exit right after one)
-        return final
+    if final.exists():
+        if verify_checkpoint_files(final) is None:
+            return final  # this exact step was saved before (e.g. a save on exit right after one)
+        _set_aside(final)  # corrupt (resume fell back past it): write it again
     tmp = root / f".tmp-{step_dir_name(step)}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        _write_files(tmp, step, model_state, model_config, optimizer_state, trainer_state,
+                     rng_states, extra_files)
+    except (OSError, SafetensorError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _save_error(e, root, step) from None
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    prune(root, keep)
+    return final
 
+
+def _save_error(e: Exception, root: Path, step: int) -> CheckpointSaveError:
+    text = str(e)
+    full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "StorageFull" in text \
+        or "No space left" in text
+    done = sorted(s for s, _ in _step_dirs(root))
+    resume = f"step {done[-1]}" if done else "the start (no checkpoint yet)"
+    why = "no space left on the disk of" if full else f"cannot write ({getattr(e, 'strerror', None) or text[:120]}) in"
+    fix = "free space there or move --out" if full else "fix the folder's permissions or move --out"
+    return CheckpointSaveError(f"checkpoint step {step} not saved: {why} {root}; earlier checkpoints "
+                               f"are intact: {fix}, then rerun the same command to resume from {resume}")
+
+
+def _set_aside(path: Path) -> None:
+    """Rename a corrupt checkpoint out of the way (kept for inspection, never loaded)."""
+    target = path.with_name(f".corrupt-{path.name}")
+    if target.exists():
+        shutil.rmtree(target, ignore_errors=True)
+    os.replace(path, target)
+
+
+def _write_files(tmp: Path, step: int, model_state, model_config, optimizer_state, trainer_state,
+                 rng_states, extra_files) -> None:
     _save_weights(model_state, model_config, tmp)
     for f in extra_files:
         shutil.copyfile(f, tmp / Path(f).name)
@@ -107,9 +157,11 @@ def save_checkpoint(root: str | Path, step: int, *, model_state: dict[str, torch
     state_dir.mkdir()
     tensors, groups = _flatten_optimizer_state(optimizer_state)
     save_file(tensors, str(state_dir / "optimizer.safetensors"))
+    make_readable(state_dir / "optimizer.safetensors")
     (state_dir / "optimizer.json").write_text(json.dumps({"param_groups": groups}, indent=1))
     rng = {f"rank{r}.{k}": v.contiguous() for r, states in enumerate(rng_states) for k, v in states.items()}
     save_file(rng, str(state_dir / "rng.safetensors"))
+    make_readable(state_dir / "rng.safetensors")
     (state_dir / "state.json").write_text(json.dumps(trainer_state | {"step": step}, indent=1))
 
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
@@ -121,10 +173,6 @@ def save_checkpoint(root: str | Path, step: int, *, model_state: dict[str, torch
     _fsync_file(tmp / COMPLETE)
     _fsync_dir(state_dir)
     _fsync_dir(tmp)
-    os.replace(tmp, final)
-    _fsync_dir(root)
-    prune(root, keep)
-    return final
 
 
 def _save_weights(state: dict[str, torch.Tensor], cfg: ModelConfig, folder: Path) -> None:
@@ -216,12 +264,38 @@ def is_complete(path: Path) -> bool:
         return False
 
 
+def verify_checkpoint_files(path: Path) -> str | None:
+    """None when every file COMPLETE.json lists has its recorded size and sha256, else what
+    is wrong (the first file that differs). Reads every byte: call it on the one checkpoint
+    about to be used, not on all of them."""
+    try:
+        manifest = json.loads((path / COMPLETE).read_text())
+        files = manifest["files"]
+        for rel, meta in sorted(files.items()):
+            if (path / rel).stat().st_size != meta["bytes"]:
+                return f"{rel} has {(path / rel).stat().st_size} bytes, COMPLETE.json records {meta['bytes']}"
+            if sha256_file(path / rel) != meta["sha256"]:
+                return f"{rel} does not match the sha256 recorded in COMPLETE.json"
+        json.loads((path / STATE_DIR / "state.json").read_text())["step"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{COMPLETE} or trainer state unreadable ({e})"
+    return None
+
+
 def latest_checkpoint(root: str | Path) -> Checkpoint | None:
-    """The newest complete checkpoint under `root`, or None when there is none."""
+    """The newest complete and verified checkpoint under `root`, or None when there is none.
+
+    A newer one whose files no longer match their recorded sha256 (bit rot, a copy gone
+    wrong, an edit) is skipped with a `CheckpointWarning` naming the file."""
     for step, path in sorted(_step_dirs(Path(root)), reverse=True):
-        if is_complete(path):
+        if not is_complete(path):
+            continue
+        problem = verify_checkpoint_files(path)
+        if problem is None:
             state = json.loads((path / STATE_DIR / "state.json").read_text())
             return Checkpoint(path, step, state)
+        warnings.warn(f"skipping checkpoint {path}: {problem}; resuming from an earlier one",
+                      CheckpointWarning, stacklevel=2)
     return None
 
 

@@ -111,6 +111,7 @@ def validate(cfg: PretrainConfig, world_size: int = 1) -> None:
         if not ok:
             raise UserError(message)
 
+    _check_ranges(cfg, need)
     need(cfg.schedule in SCHEDULES, f"schedule={cfg.schedule!r}: use one of {', '.join(SCHEDULES)}")
     need(cfg.precision in PRECISIONS, f"precision={cfg.precision!r}: use one of {', '.join(PRECISIONS)}")
     need(cfg.parallel in PARALLEL_MODES, f"parallel={cfg.parallel!r}: use one of {', '.join(PARALLEL_MODES)}")
@@ -151,3 +152,44 @@ def validate(cfg: PretrainConfig, world_size: int = 1) -> None:
             need(0 < short < T and T % short == 0,
                  f"{where}: short_seq_len={short} must divide seq_len={T} and be shorter than it")
         need(s.rope_theta is None or s.rope_theta > 0, f"{where}: rope_theta must be positive")
+
+
+# Ranges of the plain numeric fields (types are already checked by the config reader):
+# field -> (test, what it must be). Every float must also be finite.
+_RANGES: dict[str, tuple[Any, str]] = {
+    "lr": (lambda v: v > 0, "> 0"),
+    "eps": (lambda v: v > 0, "a positive finite number (AdamW's epsilon, e.g. 1e-8)"),
+    "threads": (lambda v: v >= 0, ">= 0 (0: torch's default)"),
+    "log_every": (lambda v: v >= 1, ">= 1 (steps between progress lines)"),
+    "ce_chunk": (lambda v: v >= 0, ">= 0 (0: all positions at once)"),
+    "spike_z": (lambda v: v > 0, "> 0 (sigmas above recent losses)"),
+    "sample_temperature": (lambda v: v >= 0, ">= 0 (0 is greedy)"),
+    "sample_tokens": (lambda v: v >= 0, ">= 0"),
+    "eval_tokens": (lambda v: v >= 0, ">= 0 (0: the whole split)"),
+    "peak_flops": (lambda v: v >= 0, ">= 0 (0: measure at start)"),
+    "seed": (lambda v: v >= 0, ">= 0"),
+}
+_STAGE_RANGES: dict[str, tuple[Any, str]] = {
+    "steps": (lambda v: v >= 0, ">= 0"),
+    "tokens": (lambda v: v >= 0, ">= 0"),
+    "seq_len": (lambda v: v is None or v > 0, "> 0 (or unset)"),
+    "micro_batch": (lambda v: v is None or v > 0, "> 0 (or unset)"),
+    "max_position_embeddings": (lambda v: v is None or v > 0, "> 0 (or unset)"),
+    "short_seq_len": (lambda v: v is None or v > 0, "> 0 (or unset)"),
+}
+
+
+def _check_ranges(cfg: PretrainConfig, need) -> None:
+    def finite(v: Any) -> bool:
+        return not isinstance(v, float) or math.isfinite(v)
+
+    for name, value in vars(cfg).items():
+        test, rule = _RANGES.get(name, (lambda v: True, ""))
+        if isinstance(value, float) and not finite(value):
+            need(False, f"{name}={value} must be {rule or 'a finite number'}")
+        need(test(value), f"{name}={value!r} must be {rule}")
+    for s in cfg.stages:
+        for name, value in vars(s).items():
+            test, rule = _STAGE_RANGES.get(name, (lambda v: True, ""))
+            need(finite(value), f"stage {s.name!r}: {name}={value} must be a finite number")
+            need(test(value), f"stage {s.name!r}: {name}={value!r} must be {rule}")
