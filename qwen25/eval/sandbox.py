@@ -53,7 +53,7 @@ class Limits:
     max_procs: int = 16  # processes/threads of the sandbox user (fork bombs)
     max_file_mb: int = 16  # largest file the program may write (stdout/stderr included)
     max_open_files: int = 64
-    output_chars: int = 4000  # stdout/stderr kept in the result
+    output_chars: int = 4000  # bytes kept of the end of stdout and of stderr
 
 
 @dataclass(frozen=True)
@@ -109,8 +109,10 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 
 def _read(path: str, n: int) -> str:
+    """The last n bytes of a file (tracebacks and end-of-run markers are at the end)."""
     try:
         with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - n))
             return f.read(n).decode("utf-8", errors="replace")
     except OSError:
         return ""

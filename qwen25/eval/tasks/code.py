@@ -18,6 +18,7 @@ Prompts:
 from __future__ import annotations
 
 import re
+import secrets
 from collections.abc import Sequence
 
 from qwen25.eval.sandbox import Limits, run_python
@@ -43,9 +44,22 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def first_code_block(text: str) -> str:
-    """The body of the first ``` fenced block (language tag dropped), or `text` itself."""
+    """The code of a completion that holds ``` fences.
+
+    A base-model completion continues a prompt that opened the block, so its first fence
+    closes it: the code is what comes before (recognised by code before the fence and no
+    language tag after it). Otherwise the body of the first fenced block (language tag
+    dropped); `text` itself when there is no fence.
+    """
+    at = text.find("```")
+    if at < 0:
+        return text
+    before = text[:at]
+    tagged = re.match(r"```[a-zA-Z0-9_+-]+\n", text[at:])
+    if not tagged and re.search(r"^\s*(def |class |import |from |return |[A-Za-z_]\w* = )", before, flags=re.M):
+        return before
     m = re.search(r"```[a-zA-Z0-9_+-]*\n(.*?)(?:```|$)", text, flags=re.S)
-    return m.group(1) if m else text
+    return m.group(1) if m else before
 
 
 def _imports(prompt: str) -> str:
@@ -68,13 +82,19 @@ def humaneval_program(completion: str, doc: dict) -> str:
 
 def mbpp_program(completion: str, doc: dict) -> str:
     """The program that checks one MBPP completion: its code, set-up, then every assert."""
-    code = first_code_block(completion) if "```" in completion else completion
+    code = first_code_block(completion)
     tests = "\n".join(doc["test_list"])
     return f"{code}\n\n{doc.get('test_setup_code') or ''}\n{tests}\n"
 
 
 def score_program(program: str, limits: Limits = LIMITS) -> dict[str, float]:
-    return {"pass@1": float(run_python(program, limits).passed)}
+    """1.0 when the program runs to its end and exits cleanly. A fresh random marker printed
+    as the last statement must be the last line of stdout: a completion that calls
+    `sys.exit(0)` / `os._exit(0)` before the tests finish would otherwise pass."""
+    marker = "qwen25-done-" + secrets.token_hex(8)
+    r = run_python(f"{program}\n\nprint({marker!r}, flush=True)\n", limits)
+    lines = r.stdout.rstrip("\n").rsplit("\n", 1)
+    return {"pass@1": float(r.passed and lines[-1] == marker)}
 
 
 def score_humaneval(completion: str, example: GenExample) -> dict[str, float]:
