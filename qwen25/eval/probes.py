@@ -51,7 +51,7 @@ def _retrieval(backend, name: str, cfg) -> tuple[dict, list[dict]]:
 
     limit = backend.model.config.max_position_embeddings
     lengths = tuple(n for n in PROBE_LENGTHS if n + 16 <= limit) or (min(limit - 16, 128),)
-    trials = max(1, min(cfg.limit or 2, 4))
+    trials = 1 if cfg.limit is not None and cfg.limit < 18 else 2  # 9 probes per trial
     pc = ProbeConfig(lengths=lengths, depths=(0.0, 0.5, 1.0), trials=trials, scoring="exact",
                      filler="generated", batch_size=backend.batch_size, out=cfg.out)
     res = evaluate_retrieval(backend.model, backend.tokenizer, name, pc, progress=False)
