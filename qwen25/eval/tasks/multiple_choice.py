@@ -72,17 +72,20 @@ def mmlu_question(row: dict) -> str:
 
 
 def _mmlu_examples(k: int, split: str = "test") -> list[MCExample]:
-    out = []
+    """All subjects, interleaved (item 0 of every subject, then item 1, ...), so that the
+    first N examples (--limit) cover the subjects evenly instead of the first few."""
+    per_subject = []
     for subject in data.mmlu_subjects():
         dev = data.mmlu_rows(subject, "dev")
         header = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
         shots = "".join(f"{mmlu_question(r)} {LETTERS[r['answer']]}\n\n" for r in dev[:k])
-        for i, row in enumerate(data.mmlu_rows(subject, split)):
-            ctx = header + shots + mmlu_question(row)
-            out.append(MCExample(id=f"mmlu/{subject}/{i}", contexts=(ctx,) * 4,
-                                 continuations=tuple(" " + L for L in LETTERS), gold=int(row["answer"]),
-                                 norm_lengths=(1, 1, 1, 1), doc=row))
-    return out
+        per_subject.append([
+            MCExample(id=f"mmlu/{subject}/{i}", contexts=(header + shots + mmlu_question(row),) * 4,
+                      continuations=tuple(" " + L for L in LETTERS), gold=int(row["answer"]),
+                      norm_lengths=(1, 1, 1, 1), doc=row)
+            for i, row in enumerate(data.mmlu_rows(subject, split))])
+    longest = max(map(len, per_subject))
+    return [items[i] for i in range(longest) for items in per_subject if i < len(items)]
 
 
 TASKS = [
