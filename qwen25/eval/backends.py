@@ -57,7 +57,7 @@ class LocalBackend:
 
     def loglik(self, pairs: Sequence[tuple[str, str]], chat: bool = False) -> list[LogLik]:
         enc = self._encode(chat)
-        reqs = [encode_pair(enc, c, x) for c, x in pairs]
+        reqs = [encode_pair(enc, c, x, move_space=not chat) for c, x in pairs]
         return loglikelihoods(self.model, reqs, progress=self.progress)
 
     def generate(self, prompts: Sequence[str], stop: Sequence[str], max_new_tokens: int, n: int = 1,
@@ -168,9 +168,9 @@ class ServerBackend:
                     self.progress(1)
                 yield r
 
-    def _score(self, pair: tuple[str, str]) -> LogLik:
+    def _score(self, pair: tuple[str, str], chat: bool = False) -> LogLik:
         ctx, cont = pair
-        n_spaces = len(ctx) - len(ctx.rstrip())  # lm-eval's rule, as in encode_pair
+        n_spaces = 0 if chat else len(ctx) - len(ctx.rstrip())  # lm-eval's rule, as in encode_pair
         split = len(ctx) - n_spaces
         r = self._post("/completions", {"model": self.model, "prompt": ctx + cont, "echo": True,
                                         "max_tokens": 0, "logprobs": 1, "temperature": 0})
@@ -188,7 +188,7 @@ class ServerBackend:
         return LogLik(total, greedy, count)
 
     def loglik(self, pairs: Sequence[tuple[str, str]], chat: bool = False) -> list[LogLik]:
-        return list(self._map(self._score, pairs))
+        return list(self._map(lambda p: self._score(p, chat), pairs))
 
     def generate(self, prompts: Sequence, stop: Sequence[str], max_new_tokens: int, n: int = 1,
                  temperature: float = 0.0, seed: int = 0, chat: bool = False) -> list[list[str]]:

@@ -31,9 +31,15 @@ from qwen25.errors import UserError
 from qwen25.model.kv_cache import KVCache
 
 
-def encode_pair(encode: Callable[[str], list[int]], context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """(context ids, continuation ids) as lm-eval's causal backend splits them."""
-    n_spaces = len(context) - len(context.rstrip())
+def encode_pair(encode: Callable[[str], list[int]], context: str, continuation: str,
+                move_space: bool = True) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) as lm-eval's causal backend splits them.
+
+    move_space=False keeps the context's trailing whitespace where it is: a chat template's
+    generation prompt ends with "assistant\n", and that newline belongs to the template,
+    not to every choice.
+    """
+    n_spaces = len(context) - len(context.rstrip()) if move_space else 0
     if n_spaces:
         continuation = context[-n_spaces:] + continuation
         context = context[:-n_spaces]
