@@ -13,8 +13,8 @@ and one loss per pair, with β the inverse temperature and ε the label smoothin
     robust   (-(1-ε)·log σ(β h) + ε·log σ(-β h)) / (1 - 2ε)   (Chowdhury et al. 2024:
              unbiased under a label-flip rate ε)
     hinge    max(0, 1 - β h)                          (SLiC)
-    ipo      (h - 1/(2β))²                            (Azar et al. 2023; h from log-probs
-             *averaged* per response token, as the IPO paper and TRL do)
+    ipo      (h - 1/(2β))²                            (Azar et al. 2023; h from log-ratios
+             *averaged* per response token, as the IPO authors and TRL do)
 
 The implicit rewards β·(log πθ - log π_ref) of each answer give the metrics every DPO
 report shows: rewards/chosen, rewards/rejected, their margin and the fraction of pairs
@@ -58,41 +58,55 @@ def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch
     return torch.stack(sums), mask.sum(-1)
 
 
+def pair_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> PairLogps:
+    """Summed response log-probs of a `collate_pairs` batch ([2B, T]: chosen rows first) from
+    one forward pass, with the response lengths (IPO's per-token average needs them)."""
+    logits = model(batch["input_ids"])
+    logps, count = sequence_logprobs(logits, batch["labels"])
+    chosen, rejected = logps.chunk(2)
+    chosen_n, rejected_n = count.chunk(2)
+    return PairLogps(chosen, rejected, chosen_n, rejected_n)
+
+
+@dataclass(frozen=True)
+class PairLogps:
+    chosen: torch.Tensor  # [B] Σ log p over the chosen response tokens (float32)
+    rejected: torch.Tensor  # [B] the same for the rejected responses
+    chosen_tokens: torch.Tensor  # [B] int64 response lengths
+    rejected_tokens: torch.Tensor
+
+
 @dataclass(frozen=True)
 class DPOOutput:
     losses: torch.Tensor  # [B] float32, one per pair
-    chosen_rewards: torch.Tensor  # [B] β·(log πθ(y_w) - log π_ref(y_w)), detached
-    rejected_rewards: torch.Tensor  # [B] the same for y_l, detached
+    chosen_rewards: torch.Tensor  # [B] β·(log πθ(y_w) - log π_ref(y_w)), summed log-probs, detached
+    rejected_rewards: torch.Tensor  # [B] the same for y_l
 
 
-def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
-             ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, *, beta: float,
-             loss_type: str = "sigmoid", label_smoothing: float = 0.0) -> DPOOutput:
-    """Per-pair DPO losses from sequence log-probs [B] (summed, or averaged for IPO).
+def dpo_loss(policy: PairLogps, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, *,
+             beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0) -> DPOOutput:
+    """Per-pair DPO losses from the policy's summed log-probs and the reference's [B].
 
-    The caller chooses sum vs per-token average (`uses_average_logprobs(loss_type)`); the
-    reference log-probs are constants (no gradient flows into them).
+    The reference log-probs are constants (no gradient flows into them). IPO divides each
+    log-ratio by its response length; the implicit rewards always use the sums (as TRL logs).
     """
     check_dpo_args(beta, loss_type, label_smoothing)
-    pc, pr = policy_chosen.float(), policy_rejected.float()
-    rc, rr = ref_chosen.float().detach(), ref_rejected.float().detach()
-    chosen_ratio, rejected_ratio = pc - rc, pr - rr
-    h = chosen_ratio - rejected_ratio
+    chosen_ratio = policy.chosen.float() - ref_chosen.float().detach()
+    rejected_ratio = policy.rejected.float() - ref_rejected.float().detach()
     eps = label_smoothing
-    if loss_type == "sigmoid":
-        losses = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
-    elif loss_type == "robust":
-        losses = (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
-    elif loss_type == "hinge":
-        losses = torch.relu(1 - beta * h)
-    else:  # ipo
+    if loss_type == "ipo":
+        h = (chosen_ratio / policy.chosen_tokens.clamp(min=1)
+             - rejected_ratio / policy.rejected_tokens.clamp(min=1))
         losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        h = chosen_ratio - rejected_ratio
+        if loss_type == "sigmoid":
+            losses = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
+        elif loss_type == "robust":
+            losses = (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
+        else:  # hinge
+            losses = torch.relu(1 - beta * h)
     return DPOOutput(losses, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach())
-
-
-def uses_average_logprobs(loss_type: str) -> bool:
-    """IPO's regression target 1/(2β) is on per-token averages; the others use sums."""
-    return loss_type == "ipo"
 
 
 def check_dpo_args(beta: float, loss_type: str, label_smoothing: float) -> None:
