@@ -41,3 +41,37 @@ def save_hf_lm(path: Path, vocab_size: int, seed: int, std: float = 0.3, **kw):
     model = randomize_(Qwen2ForCausalLM(hf_config(vocab_size, **kw)), seed, std)
     model.save_pretrained(path)
     return model.eval()
+
+
+def lm_folder(root: Path, tok, seed: int = 0, **kw) -> Path:
+    """A tiny random HF LM at root/lm-SEED with the tokenizer's files beside its weights
+    (the layout of an SFT checkpoint)."""
+    path = root / f"lm-{seed}"
+    save_hf_lm(path, kw.pop("vocab_size", len(tok)), seed, std=0.1, **kw)
+    tok.save_pretrained(path)
+    return path
+
+
+def write_pairs(path: Path, n: int, bad: bool = True) -> Path:
+    """n good conversational pairs ("the answer is A" vs a wrong number), then (bad=True)
+    one row of each kind the loader must drop: identical, empty, malformed, not JSON."""
+    import json
+    import random
+
+    rnd = random.Random(0)
+    rows = []
+    for i in range(n):
+        a, b = rnd.randint(1, 9), rnd.randint(1, 9)
+        wrong = a + b + rnd.choice([-2, -1, 1, 2])
+        rows.append({"prompt": [{"role": "user", "content": f"What is {a}+{b}?"}],
+                     "chosen": [{"role": "assistant", "content": f"The answer is {a + b}."}],
+                     "rejected": [{"role": "assistant", "content": f"The answer is {wrong}."}],
+                     "id": i})
+    lines = [json.dumps(r) for r in rows]
+    if bad:
+        same = {"prompt": "Say hi", "chosen": "hi", "rejected": "hi"}
+        empty = {"prompt": [{"role": "user", "content": "x"}], "chosen": [{"role": "assistant", "content": ""}],
+                 "rejected": [{"role": "assistant", "content": "y"}]}
+        lines += [json.dumps(same), json.dumps(empty), json.dumps({"prompt": "x"}), "{not json"]
+    path.write_text("\n".join(lines) + "\n")
+    return path

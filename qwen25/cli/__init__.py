@@ -26,6 +26,9 @@ VERBS: dict[str, tuple[str, str]] = {
     "pretrain": ("pretrain", "pretrain a model on token shards (stages, resume, torchrun)"),
     "eval": ("eval", "long-context evaluation: passkey, needle, loss by position, the YaRN/DCA demo"),
     "speedrun": ("speedrun", "the whole recipe on built-in data: tokenizer, shards, pretraining, report"),
+    "dpo": ("dpo", "DPO on preference pairs (sigmoid/IPO/hinge/robust; Online Merging Optimizer)"),
+    "reward": ("reward", "reward model: train on preference pairs (Bradley-Terry), score conversations"),
+    "pairs": ("pairs", "build preference pairs: sample answers, judge them with task scorers"),
     "serve": ("serve", "OpenAI-compatible HTTP server with continuous batching"),
 }
 

@@ -288,3 +288,48 @@ def collate_pairs(pairs: list[PreferencePair], pad_id: int, pad_to_multiple_of: 
         labels[i, :len(lab)] = torch.tensor(lab)
         attention[i, :len(ids)] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+
+
+# --------------------------------------------------------------------------------------
+# Which pairs each step trains on
+# --------------------------------------------------------------------------------------
+
+
+def split_heldout(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train indices, held-out indices) of n pairs: a seeded shuffle, the first
+    round(fraction * n) held out (at least 1 when fraction > 0 and n > 1)."""
+    import random
+
+    order = list(range(n))
+    random.Random(f"heldout:{seed}").shuffle(order)
+    k = min(n - 1, max(1, round(fraction * n))) if fraction > 0 and n > 1 else 0
+    return sorted(order[k:]), sorted(order[:k])
+
+
+def steps_per_epoch(n_train: int, batch_size: int) -> int:
+    """Full global batches per epoch (a last partial batch is left for the next epoch's
+    shuffle: every step then weighs the same number of pairs)."""
+    return n_train // batch_size
+
+
+def step_pairs(train: list[int], step: int, batch_size: int, seed: int, rank: int = 0,
+               world_size: int = 1) -> list[int]:
+    """The pair indices this rank trains on at optimizer step `step` (0-based).
+
+    Epoch e visits `train` in the order of `random.Random(f"pairs:{seed}:{e}")`; step s takes
+    the s-th block of `batch_size` of it, and rank r its r-th equal share. A pure function of
+    the step: resuming needs no data-loader state."""
+    import random
+
+    per_epoch = steps_per_epoch(len(train), batch_size)
+    if per_epoch == 0:
+        raise UserError(f"batch_size {batch_size} is larger than the {len(train)} training pairs; "
+                        "lower --batch-size")
+    if batch_size % world_size:
+        raise UserError(f"batch_size {batch_size} must be divisible by the {world_size} processes")
+    epoch, k = divmod(step, per_epoch)
+    order = list(train)
+    random.Random(f"pairs:{seed}:{epoch}").shuffle(order)
+    block = order[k * batch_size:(k + 1) * batch_size]
+    share = batch_size // world_size
+    return block[rank * share:(rank + 1) * share]
