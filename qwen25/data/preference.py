@@ -127,18 +127,11 @@ def encode_pair(tokenizer: Tokenizer, row: Any, max_length: int | None = None,
     if chosen is None or rejected is None:
         raise PairError("malformed", "a row needs 'chosen' and 'rejected'")
     meta = {k: v for k, v in row.items() if k not in ("prompt", "chosen", "rejected")}
-    try:
-        if prompt is None and _is_messages(chosen) and _is_messages(rejected):
-            prompt, chosen, rejected = _split_implicit(chosen, rejected)
-        if isinstance(prompt, str) and isinstance(chosen, str) and isinstance(rejected, str):
-            pair = _encode_text(tokenizer, prompt, chosen, rejected, meta)
-        elif _is_messages(prompt) and _is_messages(chosen) and _is_messages(rejected):
-            pair = _encode_chat(tokenizer, prompt, chosen, rejected, meta)
-        else:
-            raise PairError("malformed", "prompt, chosen and rejected must all be strings or all "
-                                         "be lists of {role, content} messages")
-    except ChatError as e:
-        raise PairError("malformed", str(e)) from None
+    if prompt is None and _is_messages(chosen) and _is_messages(rejected):
+        prompt, chosen, rejected = _split_implicit(chosen, rejected)
+    p, c, cm = encode_response(tokenizer, prompt, chosen)
+    _, r, rm = encode_response(tokenizer, prompt, rejected)
+    pair = PreferencePair(p, c, r, cm, rm, meta)
     if pair.chosen_ids == pair.rejected_ids:
         raise PairError("identical", "chosen and rejected are the same tokens")
     longest = len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids))
@@ -151,36 +144,36 @@ def encode_pair(tokenizer: Tokenizer, row: Any, max_length: int | None = None,
     return pair
 
 
-def _encode_text(tokenizer, prompt: str, chosen: str, rejected: str, meta: dict) -> PreferencePair:
-    if not chosen.strip() or not rejected.strip():
-        raise PairError("empty", "a response is empty")
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise PairError("malformed", "text pairs need a tokenizer with an EOS token")
-    p = tokenizer.encode(prompt)
-    c = tokenizer.encode(chosen) + [eos]
-    r = tokenizer.encode(rejected) + [eos]
-    return PreferencePair(p, c, r, [1] * len(c), [1] * len(r), meta)
-
-
-def _encode_chat(tokenizer, prompt: list, chosen: list, rejected: list, meta: dict) -> PreferencePair:
-    for side in (chosen, rejected):
-        if not side or side[0].get("role") != "assistant":
-            raise PairError("malformed", "a conversational response must start with an assistant turn")
-        if not any(m.get("content") or m.get("tool_calls") for m in side if m.get("role") == "assistant"):
-            raise PairError("empty", "a response has no assistant content")
-    prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
-    sides = []
-    for side in (chosen, rejected):
-        ids, mask = tokenizer.apply_chat_template(prompt + side, return_assistant_mask=True)
-        ids, mask = _response_after(tokenizer, prompt_ids, ids, mask)
-        while mask and not mask[-1]:  # the template's newline after the last <|im_end|>
-            ids, mask = ids[:-1], mask[:-1]
-        if not any(mask):
-            raise PairError("empty", "a response has no assistant tokens")
-        sides.append((ids, mask))
-    (c, cm), (r, rm) = sides
-    return PreferencePair(prompt_ids, c, r, cm, rm, meta)
+def encode_response(tokenizer, prompt: str | list, response: str | list) -> tuple[list[int], list[int], list[int]]:
+    """(prompt ids, response ids, response target mask) of one side of a pair: raw text
+    (`str` prompt and response; EOS appended) or messages (the chat template). PairError
+    ("empty", "template", "malformed") when it cannot be built."""
+    if isinstance(prompt, str) and isinstance(response, str):
+        if not response.strip():
+            raise PairError("empty", "a response is empty")
+        eos = tokenizer.eos_token_id
+        if eos is None:
+            raise PairError("malformed", "text pairs need a tokenizer with an EOS token")
+        ids = tokenizer.encode(response) + [eos]
+        return tokenizer.encode(prompt), ids, [1] * len(ids)
+    if not (_is_messages(prompt) and _is_messages(response)):
+        raise PairError("malformed", "prompt and response must both be strings or both be lists of "
+                                     "{role, content} messages")
+    if not response or response[0].get("role") != "assistant":
+        raise PairError("malformed", "a conversational response must start with an assistant turn")
+    if not any(m.get("content") or m.get("tool_calls") for m in response if m.get("role") == "assistant"):
+        raise PairError("empty", "a response has no assistant content")
+    try:
+        prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+        ids, mask = tokenizer.apply_chat_template(prompt + response, return_assistant_mask=True)
+    except ChatError as e:
+        raise PairError("malformed", str(e)) from None
+    ids, mask = _response_after(tokenizer, prompt_ids, ids, mask)
+    while mask and not mask[-1]:  # the template's newline after the last <|im_end|>
+        ids, mask = ids[:-1], mask[:-1]
+    if not any(mask):
+        raise PairError("empty", "a response has no assistant tokens")
+    return prompt_ids, ids, mask
 
 
 def _response_after(tokenizer, prompt_ids: list[int], ids: list[int],
@@ -333,3 +326,29 @@ def step_pairs(train: list[int], step: int, batch_size: int, seed: int, rank: in
     block = order[k * batch_size:(k + 1) * batch_size]
     share = batch_size // world_size
     return block[rank * share:(rank + 1) * share]
+
+
+# --------------------------------------------------------------------------------------
+# One conversation to score (reward models)
+# --------------------------------------------------------------------------------------
+
+
+def conversation_ids(tokenizer: Tokenizer, row: Any) -> list[int]:
+    """The token ids a reward model scores for one row, built exactly as one side of a pair:
+    `{"messages": [...]}` (the turns after the last user turn are the response),
+    `{"prompt": [...], "completion": [...]}` or `{"prompt": str, "completion": str}`.
+    PairError for anything else."""
+    if not isinstance(row, dict):
+        raise PairError("malformed", f"a row must be a JSON object, not {type(row).__name__}")
+    if "messages" in row:
+        msgs = row["messages"]
+        if not _is_messages(msgs) or not msgs or msgs[-1].get("role") != "assistant":
+            raise PairError("malformed", "'messages' must be {role, content} turns ending with an assistant turn")
+        k = max((i for i, m in enumerate(msgs) if m.get("role") == "user"), default=-1) + 1
+        prompt, response = msgs[:k], msgs[k:]
+    elif "prompt" in row and "completion" in row:
+        prompt, response = row["prompt"], row["completion"]
+    else:
+        raise PairError("malformed", "a row needs 'messages', or 'prompt' and 'completion'")
+    p, r, _ = encode_response(tokenizer, prompt, response)
+    return p + r
