@@ -38,6 +38,7 @@ from typing import Any
 
 from qwen25.data import mathgen
 from qwen25.errors import UserError
+from qwen25.files import atomic_write
 
 LETTERS = "ABCDEFGH"
 SOURCES = ("mathgen", "mathgen-mc")
@@ -270,10 +271,8 @@ def build(cfg: BuildConfig) -> dict:
             stats.by_source[t] = stats.by_source.get(t, 0) + 1
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(out)
+    atomic_write(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     result = stats.as_dict()
-    out.with_name(out.name + ".stats.json").write_text(json.dumps(result | {"config": cfg.__dict__ | {
-        "tasks": list(cfg.tasks)}}, indent=1))
+    atomic_write(out.with_name(out.name + ".stats.json"),
+                 json.dumps(result | {"config": cfg.__dict__ | {"tasks": list(cfg.tasks)}}, indent=1))
     return result

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 from qwen25.checkpoint import load_config, load_model
 from qwen25.errors import UserError
-from qwen25.files import sha256_file
+from qwen25.files import atomic_path, sha256_file
 from qwen25.train import parallel
 from qwen25.train.checkpointing import ResumeError
 from qwen25.train.dpo_loss import DPO_LOSSES, check_dpo_args, dpo_loss, pair_logprobs, preference_metrics
@@ -286,9 +286,8 @@ def reference_logps(cfg: DPOConfig, data: PairData, world: parallel.World, start
     out = {"ref_chosen": chosen.float().cpu(), "ref_rejected": rejected.float().cpu()}
     if world.is_main:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(out, str(tmp), metadata={"fingerprint": json.dumps(want)})
-        tmp.replace(path)
+        with atomic_path(path, fsync=True) as tmp:
+            save_file(out, str(tmp), metadata={"fingerprint": json.dumps(want)})
     parallel.barrier(world)
     return out
 

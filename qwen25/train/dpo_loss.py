@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from qwen25.errors import UserError
+from qwen25.model.logprobs import token_logprobs
 from qwen25.train.losses import IGNORE_INDEX
 
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")
@@ -46,16 +47,12 @@ def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch
     """(Σ log p(labels | prefix) over labelled positions, number of labelled positions), each [B].
 
     logits [B, T, V] (any float dtype; the log-softmax runs in float32), labels [B, T] already
-    shifted (labels[b, t] follows input t), IGNORE_INDEX on the prompt and on padding. The
-    log-softmax is taken one row at a time: a float32 [T, V] copy per row instead of [B, T, V].
+    shifted (labels[b, t] follows input t), IGNORE_INDEX on the prompt and on padding. Through
+    the package's one log-prob function (`qwen25.model.logprobs`), one row at a time: a
+    float32 [T, V] copy per row instead of [B, T, V].
     """
-    mask = labels != IGNORE_INDEX
-    safe = labels.masked_fill(~mask, 0)
-    sums = []
-    for b in range(logits.shape[0]):
-        lp = torch.log_softmax(logits[b].float(), dim=-1)
-        sums.append((lp.gather(-1, safe[b].unsqueeze(-1)).squeeze(-1) * mask[b]).sum())
-    return torch.stack(sums), mask.sum(-1)
+    sums = [token_logprobs(logits[b], labels[b], 1.0).sum() for b in range(logits.shape[0])]
+    return torch.stack(sums), (labels != IGNORE_INDEX).sum(-1)
 
 
 def pair_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> PairLogps:

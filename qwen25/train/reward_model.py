@@ -27,11 +27,12 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
-from qwen25.checkpoint import (CheckpointError, _atomic_save, _atomic_write_text, _destination,
-                               _weight_files, load_config)
+from qwen25.checkpoint import CheckpointError, _destination, _weight_files, load_config
 from qwen25.errors import UserError
+from qwen25.files import atomic_path, atomic_write
 from qwen25.model.model import Transformer, build_model
 
 ARCHITECTURE = "Qwen2ForSequenceClassification"
@@ -93,8 +94,9 @@ def save_reward_model(model: RewardModel, path: str | Path) -> Path:
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in reward_state_dict(model).items()}
-    _atomic_save(tensors, folder / "model.safetensors")
-    _atomic_write_text(folder / "config.json", json.dumps(reward_config_json(model), indent=2))
+    with atomic_path(folder / "model.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    atomic_write(folder / "config.json", json.dumps(reward_config_json(model), indent=2) + "\n")
     return folder
 
 

@@ -11,13 +11,13 @@ The output is written to a temporary file and renamed, so a killed run leaves no
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from tqdm import tqdm
 
 from qwen25.data.preference import PairError, conversation_ids, read_rows
 from qwen25.errors import UserError
+from qwen25.files import atomic_write
 from qwen25.train.pair_stage import load_stage_tokenizer
 from qwen25.train.reward_model import load_reward_model, score_batches
 
@@ -53,10 +53,7 @@ def score_file(model_dir: str, data: str, out: str, *, tokenizer: str | None = N
         scores = score_batches(model, seqs, batch_size, progress=bar.update)
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row, s in zip(rows, scores):
-            f.write(json.dumps(row | {"score": s}, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, "".join(json.dumps(row | {"score": s}, ensure_ascii=False) + "\n"
+                               for row, s in zip(rows, scores)))
     stats["scored"] = len(scores)
     return stats
