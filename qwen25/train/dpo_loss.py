@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from qwen25.errors import UserError
 from qwen25.model.logprobs import token_logprobs
+from qwen25.model.model import Transformer
 from qwen25.train.losses import IGNORE_INDEX
 
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")
@@ -57,9 +58,22 @@ def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch
 
 def pair_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> PairLogps:
     """Summed response log-probs of a `collate_pairs` batch ([2B, T]: chosen rows first) from
-    one forward pass, with the response lengths (IPO's per-token average needs them)."""
-    logits = model(batch["input_ids"])
-    logps, count = sequence_logprobs(logits, batch["labels"])
+    one forward pass, with the response lengths (IPO's per-token average needs them).
+
+    A plain `Transformer` applies its lm_head to the response positions only: the prompt's
+    logits are never needed, and at a 150k vocabulary the head is a large share of the
+    step. Wrapped models (DDP, FSDP2) go through their own forward, whose hooks must run."""
+    labels = batch["labels"]
+    if type(model) is not Transformer:
+        logps, count = sequence_logprobs(model(batch["input_ids"]), labels)
+    else:
+        h, _ = model.hidden_states(batch["input_ids"])
+        where = labels != IGNORE_INDEX
+        target = labels[where]  # [N] response tokens, row-major
+        lp = token_logprobs(model.lm_head(h[where]), target, 1.0)
+        rows = where.nonzero()[:, 0]
+        logps = torch.zeros(labels.shape[0], dtype=lp.dtype, device=lp.device).index_add(0, rows, lp)
+        count = where.sum(-1)
     chosen, rejected = logps.chunk(2)
     chosen_n, rejected_n = count.chunk(2)
     return PairLogps(chosen, rejected, chosen_n, rejected_n)

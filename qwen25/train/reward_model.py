@@ -59,7 +59,11 @@ class RewardModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [B, T], attention_mask [B, T] (1 real, 0 pad; None = no padding)
         -> scores [B] float32, the head at each row's last real token."""
-        h, _ = self.backbone.hidden_states(input_ids, attention_mask=attention_mask)
+        # Right padding needs no mask: in a causal model every real token attends to earlier,
+        # real tokens only, and positions 0..T-1 are theirs (the unmasked kernel is faster).
+        # Any other padding (left, gaps) goes through the mask and mask-derived positions.
+        right_padded = attention_mask is None or bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+        h, _ = self.backbone.hidden_states(input_ids, attention_mask=None if right_padded else attention_mask)
         last = last_real_index(attention_mask, input_ids.shape[1], input_ids.device, input_ids.shape[0])
         pooled = h[torch.arange(h.shape[0], device=h.device), last]  # [B, hidden]
         return self.score(pooled).squeeze(-1).float()
