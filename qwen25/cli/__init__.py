@@ -27,6 +27,9 @@ VERBS: dict[str, tuple[str, str]] = {
     "sft": ("sft", "supervised fine-tuning on chat data, full or LoRA (packing, resume, torchrun)"),
     "eval": ("eval", "benchmarks and report cards (run, compare); long-context probes (passkey, needle, ppl)"),
     "speedrun": ("speedrun", "the whole recipe on built-in data: tokenizer, shards, pretraining, report"),
+    "dpo": ("dpo", "DPO on preference pairs (sigmoid/IPO/hinge/robust; Online Merging Optimizer)"),
+    "reward": ("reward", "reward model: train on preference pairs (Bradley-Terry), score conversations"),
+    "pairs": ("pairs", "build preference pairs: sample answers, judge them with task scorers"),
     "serve": ("serve", "OpenAI-compatible HTTP server with continuous batching"),
     "convert": ("convert", "a GGUF file (llama.cpp) as an HF checkpoint folder"),
 }
