@@ -124,8 +124,13 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None,
     """Read an HF checkpoint folder into a model (eval mode) on `device` in `dtype`.
 
     dtype None or "auto" keeps the dtype the weights were saved in (`torch_dtype`).
+    A GPTQ/AWQ folder (`quantization_config`) loads with quantized projections (qwen25.quant).
     """
     folder = _folder(path)
+    if _is_quantized(folder):
+        from qwen25.quant.checkpoint import load_quantized
+
+        return load_quantized(folder, dtype, device)
     cfg = load_config(folder)
     dtype = resolve_dtype(dtype, default=cfg.torch_dtype if cfg.torch_dtype in DTYPES else "float32")
     plan = _plan(folder, cfg)  # validates everything before allocating
@@ -136,6 +141,13 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None,
             _copy_from_file(file, keys, params)
     model.generation_config = read_generation_config(folder, cfg)
     return model.eval()
+
+
+def _is_quantized(folder: Path) -> bool:
+    try:
+        return "quantization_config" in json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False  # load_config reports a missing or broken config.json
 
 
 # The file's pages read through safetensors' memory map stay resident while it is open, on

@@ -27,6 +27,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "eval": ("eval", "long-context evaluation: passkey, needle, loss by position, the YaRN/DCA demo"),
     "speedrun": ("speedrun", "the whole recipe on built-in data: tokenizer, shards, pretraining, report"),
     "serve": ("serve", "OpenAI-compatible HTTP server with continuous batching"),
+    "quantize": ("quantize", "weight-only int8/int4 (RTN or GPTQ) into a GPTQ-layout folder"),
 }
 
 
