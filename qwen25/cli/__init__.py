@@ -28,6 +28,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "speedrun": ("speedrun", "the whole recipe on built-in data: tokenizer, shards, pretraining, report"),
     "serve": ("serve", "OpenAI-compatible HTTP server with continuous batching"),
     "quantize": ("quantize", "weight-only int8/int4 (RTN or GPTQ) into a GPTQ-layout folder"),
+    "export": ("export", "write a checkpoint in another format: `export gguf MODEL OUT.gguf --type q8_0`"),
 }
 
 

@@ -154,3 +154,19 @@ def quantize_model(model, bits: int, group_size: int | None = None, sym: bool | 
 
 def is_quantized(model) -> bool:
     return any(isinstance(m, QuantLinear) for m in model.modules())
+
+
+def float_state_dict(model, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """HF checkpoint keys -> float tensors, quantized projections dequantised (for export).
+
+    The tied lm_head is included (exporters drop it when the config says tied).
+    """
+    quant = {name: getattr(parent, attr) for name, parent, attr in projections(model)
+             if isinstance(getattr(parent, attr), QuantLinear)}
+    skip = tuple(f"{name}." for name in quant)
+    state = {k: v.to(dtype) for k, v in model.state_dict().items() if not k.startswith(skip)}
+    for name, m in quant.items():
+        state[f"{name}.weight"] = m.dequantized(dtype)
+        if m.bias is not None:
+            state[f"{name}.bias"] = m.bias.detach().to(dtype)
+    return state
