@@ -190,7 +190,7 @@ def _our_greedy(model, prompt: list[int], steps: int) -> list[int]:
     from qwen25 import Engine
 
     engine = Engine(model, max_batch_size=1, max_seq_len=128)
-    return list(engine.generate(prompt, max_new_tokens=steps, temperature=0.0))
+    return list(engine.generate([prompt], max_new_tokens=steps, temperature=0.0)[0].tokens)
 
 
 @pytest.mark.slow

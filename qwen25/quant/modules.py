@@ -111,10 +111,9 @@ class QuantLinear(nn.Module):
         if y is None:
             w = dequantize(self.codes(), self.scales, self.zeros, self.group_size, x.dtype)
             return F.linear(x, w, self.bias)
-        y = y.to(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*shape[:-1], self.out_features)
+        if self.bias is not None:  # added in fp32, rounded once (as F.linear and the decoder do)
+            y = y + self.bias.float()
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "

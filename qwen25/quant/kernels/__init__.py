@@ -19,6 +19,7 @@ import torch
 from qwen25.cext import build_library
 
 SOURCE = Path(__file__).with_name("qlinear.cpp")
+HEADER = Path(__file__).with_name("qlinear.h")  # the row kernels, also used by the engine
 POOL_HEADER = Path(__file__).parents[2] / "engine" / "kernels" / "pool.h"
 FLAGS = ("-O3", "-std=c++20", "-pthread", "-fPIC", "-shared")
 
@@ -41,7 +42,7 @@ def load() -> ctypes.CDLL | None:
             _reason = f"the kernels are written for x86-64, this CPU is {platform.machine()}"
         else:
             try:
-                lib = ctypes.CDLL(str(build_library(SOURCE, [POOL_HEADER], FLAGS, "qwen25_qlinear")))
+                lib = ctypes.CDLL(str(build_library(SOURCE, [POOL_HEADER, HEADER], FLAGS, "qwen25_qlinear")))
                 p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
                 lib.q25q_supported.argtypes, lib.q25q_supported.restype = [], i32
                 lib.q25q_linear.argtypes = [i32, p, i64, i64, p, p, p, i64, i64, p, i32]
