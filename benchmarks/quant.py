@@ -3,7 +3,8 @@
 One random model shaped like Qwen2.5-0.5B (bf16, seed 0) is saved once; llama.cpp gets it
 through our GGUF exporter (q8_0 and q4_0 files of the same weights), we run it through the
 engine (C++ decoder) in bf16, int8 (RTN, per channel) and int4 (RTN, groups of --group,
-asymmetric). Every contender runs in its own fresh subprocess with the same thread count,
+asymmetric), each also with the lm_head quantized to int8 (llama.cpp's q8_0/q4_0 files hold
+the tied embedding/output in q8_0, so this is the like-for-like row). Every contender runs in its own fresh subprocess with the same thread count,
 so peak memory (max RSS) is its own. Decode tok/s = new tokens / (time of prompt + N
 tokens - time of prompt + 1 token), 64-token prompts, greedy, no early stop.
 
@@ -46,10 +47,10 @@ def _ours(folder: str, mode: str, batch: int, tokens: int, group: int) -> dict:
     from qwen25.quant.modules import quantize_model
 
     model = qwen25.load_model(folder, dtype="bfloat16")
-    if mode == "int8":
-        quantize_model(model, 8)
-    elif mode == "int4":
-        quantize_model(model, 4, group)
+    if mode.startswith("int8"):
+        quantize_model(model, 8, lm_head=mode.endswith("h"))
+    elif mode.startswith("int4"):
+        quantize_model(model, 4, group, lm_head=mode.endswith("h"))
     engine = qwen25.Engine(model, max_batch_size=batch, max_seq_len=PROMPT_LEN + tokens + 8)
     prompts = _prompts(batch)
     engine.generate(prompts, max_new_tokens=2, temperature=0.0)  # warm up (kernel build, pages)
@@ -138,7 +139,8 @@ def main() -> None:
     folder, ggufs = prepare(work)
     print(f"prepared {work} in {time.time() - t0:.0f} s", file=sys.stderr)
     runs = [("bf16", "bf16", folder, 1), ("bf16 batch 8", "bf16", folder, 8), ("int8", "int8", folder, 1),
-            (f"int4 g{args.group}", "int4", folder, 1), ("llama.cpp q8_0", "llama", ggufs["q8_0"], 1),
+            (f"int4 g{args.group}", "int4", folder, 1), ("int8 + int8 head", "int8h", folder, 1),
+            (f"int4 g{args.group} + int8 head", "int4h", folder, 1), ("llama.cpp q8_0", "llama", ggufs["q8_0"], 1),
             ("llama.cpp q4_0", "llama", ggufs["q4_0"], 1)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), THP_MEM_ALLOC_ENABLE="1")
     results = {}
@@ -162,6 +164,8 @@ def main() -> None:
     print(f"int8 / llama.cpp q8_0: {ratio('int8', 'llama.cpp q8_0')} (goal 1.4x)")
     print(f"int4 / llama.cpp q4_0: {ratio(f'int4 g{args.group}', 'llama.cpp q4_0')} (goal 1.4x)")
     print(f"bf16 batch 8 / batch 1: {ratio('bf16 batch 8', 'bf16')} (goal 4x)")
+    print(f"with the head quantized too (llama.cpp's files hold it in q8_0): int8 "
+          f"{ratio('int8 + int8 head', 'llama.cpp q8_0')}, int4 {ratio(f'int4 g{args.group} + int8 head', 'llama.cpp q4_0')}")
     print(f"int8 / bf16: {ratio('int8', 'bf16')}, int4 / bf16: {ratio(f'int4 g{args.group}', 'bf16')}")
 
 

@@ -20,14 +20,14 @@ CFG = ModelConfig(hidden_size=64, intermediate_size=192, num_hidden_layers=2, nu
                   num_key_value_heads=2, vocab_size=320, tie_word_embeddings=True, rope_theta=10_000.0)
 
 
-def _model(dtype, bits, group):
-    return quantize_model(build_model(CFG, dtype=dtype, seed=0).eval(), bits, group)
+def _model(dtype, bits, group, lm_head=False):
+    return quantize_model(build_model(CFG, dtype=dtype, seed=0).eval(), bits, group, lm_head=lm_head)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("bits,group", [(8, None), (4, 32), (4, 64)])
-def test_fast_decode_equals_torch_path(dtype, bits, group):
-    model = _model(dtype, bits, group)
+@pytest.mark.parametrize("bits,group,head", [(8, None, False), (4, 32, False), (4, 64, True), (8, None, True)])
+def test_fast_decode_equals_torch_path(dtype, bits, group, head):
+    model = _model(dtype, bits, group, head)
     fast, slow = ModelRunner(model, 3, 64, decode="fast"), ModelRunner(model, 3, 64, decode="torch")
     prompts = [[5, 17, 99, 3], [250, 1], [7, 7, 7, 7, 7, 8]]
     for s, p in enumerate(prompts):

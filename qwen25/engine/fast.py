@@ -80,8 +80,10 @@ def unsupported_reason(model, isa: str = "avx512") -> str | None:
                 return why
         if type(layer.input_layernorm) is not RMSNorm or type(layer.post_attention_layernorm) is not RMSNorm:
             return "modified norm modules"
-    if type(model.lm_head) is not nn.Linear or type(model.model.norm) is not RMSNorm:
+    if type(model.lm_head) not in (nn.Linear, QuantLinear) or type(model.model.norm) is not RMSNorm:
         return "a modified lm_head or final norm"
+    if isinstance(model.lm_head, QuantLinear) and _quant_reason(model.lm_head, isa):
+        return f"the lm_head: {_quant_reason(model.lm_head, isa)}"
     if isa == "portable":
         return None if kernels.load() is not None else kernels.unavailable_reason()
     if kernels.best_isa(_DTYPE_NAMES[model.dtype]) is None:
@@ -139,10 +141,19 @@ class FastDecoder:
                 if not t.is_contiguous():
                     raise RuntimeError(f"parameter {name} is not contiguous")
                 layers.append(t)
+        head = model.lm_head
+        if isinstance(head, QuantLinear):
+            quant.append(_QProj(head.bits, head.group_size, head.qweight.data_ptr(), head.scales.data_ptr(),
+                                head.zeros.data_ptr()))
+            keep.extend((head.scales, head.zeros))
+            head = head.qweight  # a placeholder: the decoder reads `quant`
+        else:
+            quant.append(_QProj(0, 0, None, None, None))
+            head = head.weight.detach().contiguous()
         for t in cache.k + cache.v:
             assert t.is_contiguous() and t.dtype == model.dtype
         return {"layers": layers, "quant": quant, "keep": keep, "norm": model.model.norm.weight.detach(),
-                "lm_head": model.lm_head.weight.detach().contiguous()}
+                "lm_head": head}
 
     @staticmethod
     def signature(model) -> tuple:

@@ -130,6 +130,9 @@ def save_quantized(model, path: str | Path, method: str = "gptq") -> Path:
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     spec = model_spec(model)
+    if isinstance(model.lm_head, QuantLinear):
+        raise ValueError("a quantized lm_head has no place in the GPTQ/AWQ folder layout; quantize "
+                         "without lm_head=True to save a folder (GGUF export keeps it)")
     if method == "awq":
         if spec.bits != 4 or spec.desc_act:
             raise ValueError("the AWQ layout holds 4-bit weights without act-order only")

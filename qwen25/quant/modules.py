@@ -137,17 +137,23 @@ def swap(model, make: Callable[[str, nn.Linear], nn.Module]) -> None:
         setattr(parent, attr, make(name, getattr(parent, attr)))
 
 
-def quantize_model(model, bits: int, group_size: int | None = None, sym: bool | None = None):
+def quantize_model(model, bits: int, group_size: int | None = None, sym: bool | None = None,
+                   lm_head: bool = False):
     """Round-to-nearest weight-only quantization of every projection, in place; returns model.
 
     bits=8: symmetric, per output channel unless group_size is given; bits=4: asymmetric,
-    groups of 128 unless given. MoE experts (stacked tensors) are not covered.
+    groups of 128 unless given. lm_head=True also quantizes the output head, to int8 per
+    channel (a tied embedding keeps its float table for lookups; decode reads the int8
+    copy: on small models the head is a quarter of the bytes per token). Such a model runs
+    and exports to GGUF, but has no GPTQ-folder layout. MoE experts are not covered.
     """
     if model.config.is_moe:
         raise ValueError("quantizing mixture-of-experts models is not supported yet")
     with torch.no_grad():
         swap(model, lambda name, lin: QuantLinear.from_linear(lin, bits, group_size, sym)
              if isinstance(lin, nn.Linear) else lin)
+        if lm_head and isinstance(model.lm_head, nn.Linear):
+            model.lm_head = QuantLinear.from_linear(model.lm_head, 8)
     return model
 
 
@@ -163,6 +169,9 @@ def float_state_dict(model, dtype: torch.dtype = torch.float32) -> dict[str, tor
     quant = {name: getattr(parent, attr) for name, parent, attr in projections(model)
              if isinstance(getattr(parent, attr), QuantLinear)}
     skip = tuple(f"{name}." for name in quant)
+    if isinstance(model.lm_head, QuantLinear):
+        quant["lm_head"] = model.lm_head
+        skip += ("lm_head.",)
     state = {k: v.to(dtype) for k, v in model.state_dict().items() if not k.startswith(skip)}
     for name, m in quant.items():
         state[f"{name}.weight"] = m.dequantized(dtype)

@@ -88,14 +88,20 @@ void run(const Kernels<T>& kern, const Job* jobs, const std::vector<Chunk>& chun
 }
 
 template <typename T>
-void gemv(const Kernels<T>& kern, const Job* jobs, int njobs, const T* x, int64_t M, int64_t K,
-          int64_t ldy, int nthreads) {
+QInputs quant_inputs(const Job* jobs, int njobs, const T* x, int64_t M, int64_t K) {
   QInputs qx;
   for (int j = 0; j < njobs; ++j) {
     if (!jobs[j].q) continue;
     std::vector<float>& dst = jobs[j].q->bits == 4 ? qx.nibble : qx.plain;
     if (dst.empty()) q25q::prepare_inputs(x, M, K, jobs[j].q->bits == 4, ld<T>, dst);
   }
+  return qx;
+}
+
+template <typename T>
+void gemv(const Kernels<T>& kern, const Job* jobs, int njobs, const T* x, int64_t M, int64_t K,
+          int64_t ldy, int nthreads) {
+  const QInputs qx = quant_inputs(jobs, njobs, x, M, K);
   run(kern, jobs, plan(jobs, njobs, K, sizeof(T), nthreads), x, M, K, ldy, nthreads, [](int64_t, const Chunk&) {},
       &qx);
 }
@@ -106,7 +112,8 @@ void gemv(const Kernels<T>& kern, const Job* jobs, int njobs, const T* x, int64_
 // k_proj.weight, k_proj.bias, v_proj.weight, v_proj.bias, o_proj.weight, gate_proj.weight,
 // up_proj.weight, down_proj.weight, input_layernorm.weight, post_attention_layernorm.weight.
 enum { WQ, BQ, WK, BK, WV, BV, WO, WG, WU, WD, LN1, LN2, PER_LAYER };
-// Quantized projections, per layer in this order (codes == nullptr: a dense weight).
+// Quantized projections, per layer in this order (codes == nullptr: a dense weight), then
+// one entry for the lm_head.
 enum { QQ, QK, QV, QO, QG, QU, QD, QUANT_PER_LAYER };
 
 struct Decoder {
@@ -118,7 +125,7 @@ struct Decoder {
   const void* lm_head;
   std::vector<void*> k_cache, v_cache;  // per layer [slots, n_kv, max_seq, head_dim]
   int64_t slots, max_seq;
-  std::vector<q25q::QProj> quant;  // n_layers * QUANT_PER_LAYER, or empty (all dense)
+  std::vector<q25q::QProj> quant;  // n_layers * QUANT_PER_LAYER + 1 (lm_head), or empty (all dense)
 
   const q25q::QProj* q(int64_t layer, int which) const {
     if (quant.empty()) return nullptr;
@@ -215,7 +222,8 @@ template <typename T>
 void lm_head(const Kernels<T>& kern, const Decoder& D, int64_t M, const T* h, float* logits, float* lse,
              int64_t* argmax, int nthreads) {
   const int64_t V = D.vocab;
-  Job head = {D.lm_head, V, logits};
+  Job head = {D.lm_head, V, logits, D.q(D.n_layers, 0)};
+  const QInputs qx = quant_inputs(&head, 1, h, M, D.hidden);
   const std::vector<Chunk> chunks = plan(&head, 1, D.hidden, sizeof(T), nthreads);
   struct Stat { float max; int64_t arg; float sum; };
   std::vector<Stat> stats(chunks.size() * size_t(M));
@@ -234,7 +242,7 @@ void lm_head(const Kernels<T>& kern, const Decoder& D, int64_t M, const T* h, fl
       }
       stats[size_t(c * M + m)] = {mx, arg, kern.sumexp(row + ch.n0, ch.n1 - ch.n0, mx)};
     }
-  });
+  }, &qx);
   for (int64_t m = 0; m < M; ++m) {
     Stat best = {-INFINITY, 0, 0.f};
     for (size_t c = 0; c < chunks.size(); ++c)
@@ -341,15 +349,17 @@ void* q25_decoder_new(int dtype, int isa, int64_t n_layers, int64_t hidden, int6
   if (quant) {  // the int kernels are AVX-512 only; each layout must be one they cover
     if (isa != AVX512 || !q25q::cpu_ok()) return nullptr;
     const int64_t ins[QUANT_PER_LAYER] = {hidden, hidden, hidden, n_heads * head_dim, hidden, hidden, inter};
-    for (int64_t i = 0; i < n_layers * QUANT_PER_LAYER; ++i)
-      if (quant[i].codes && !q25q::supported(quant[i].bits, quant[i].group, ins[i % QUANT_PER_LAYER])) return nullptr;
+    for (int64_t i = 0; i <= n_layers * QUANT_PER_LAYER; ++i) {
+      const int64_t k = i == n_layers * QUANT_PER_LAYER ? hidden : ins[i % QUANT_PER_LAYER];
+      if (quant[i].codes && !q25q::supported(quant[i].bits, quant[i].group, k)) return nullptr;
+    }
   }
   auto* D = new Decoder{dtype, isa, n_layers, hidden, inter, n_heads, n_kv, head_dim, vocab, eps,
                         std::vector<const void*>(layer_weights, layer_weights + n_layers * PER_LAYER),
                         norm, lm_head,
                         std::vector<void*>(k_cache, k_cache + n_layers),
                         std::vector<void*>(v_cache, v_cache + n_layers), slots, max_seq, {}};
-  if (quant) D->quant.assign(quant, quant + n_layers * QUANT_PER_LAYER);
+  if (quant) D->quant.assign(quant, quant + n_layers * QUANT_PER_LAYER + 1);
   return D;
 }
 
