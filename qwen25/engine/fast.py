@@ -66,6 +66,8 @@ def unsupported_reason(model, isa: str = "avx512") -> str | None:
         return "mixture-of-experts layers"
     if cfg.dual_chunk_attention is not None:
         return "dual chunk attention"
+    if not getattr(cfg, "qkv_bias", True):
+        return "attention without q/k/v biases (Llama); the decoder reads the biases"
     if cfg.head_dim > 512 or cfg.head_dim % 2:
         return f"head_dim={cfg.head_dim}"
     for layer in model.model.layers:
