@@ -133,12 +133,17 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None,
 
     dtype None or "auto" keeps the dtype the weights were saved in (`torch_dtype`).
     A GGUF file (llama.cpp) loads too, dequantised (see formats/gguf_import.py).
+    A GPTQ/AWQ folder (`quantization_config`) loads with quantized projections (qwen25.quant).
     """
     if is_gguf(path):
         from qwen25.formats.gguf_import import load_gguf_model  # same layer; imports this module
 
         return load_gguf_model(path, dtype=dtype, device=device)
     folder = _folder(path)
+    if _is_quantized(folder):
+        from qwen25.quant.checkpoint import load_quantized
+
+        return load_quantized(folder, dtype, device)
     cfg = load_config(folder)
     dtype = resolve_dtype(dtype, default=cfg.torch_dtype if cfg.torch_dtype in DTYPES else "float32")
     plan = _plan(folder, cfg)  # validates everything before allocating
@@ -149,6 +154,13 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None,
             _copy_from_file(file, keys, params)
     model.generation_config = read_generation_config(folder, cfg)
     return model.eval()
+
+
+def _is_quantized(folder: Path) -> bool:
+    try:
+        return "quantization_config" in json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False  # load_config reports a missing or broken config.json
 
 
 # The file's pages read through safetensors' memory map stay resident while it is open, on

@@ -32,6 +32,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "pairs": ("pairs", "build preference pairs: sample answers, judge them with task scorers"),
     "serve": ("serve", "OpenAI-compatible HTTP server with continuous batching"),
     "convert": ("convert", "a GGUF file (llama.cpp) as an HF checkpoint folder"),
+    "quantize": ("quantize", "weight-only int8/int4 (RTN or GPTQ) into a GPTQ-layout folder"),
+    "export": ("export", "write a checkpoint in another format: `export gguf MODEL OUT.gguf --type q8_0`"),
 }
 
 

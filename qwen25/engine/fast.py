@@ -7,9 +7,10 @@ memory stays weights + cache and the checkpoint layout is untouched. Optimizer s
 *replaced* by new tensors, `stale()` reports it and the engine rebinds.
 
 It covers what released dense Qwen2.5 checkpoints need on CPU: float32 or bfloat16
-weights, plain `nn.Linear` projections, standard (RoPE/YaRN-table) attention. Anything else
-(MoE, dual chunk attention, quantized modules, fp16, GPU) is left to the PyTorch model,
-and `unsupported_reason(model)` says why.
+weights, `nn.Linear` projections or int8/int4 `QuantLinear` ones (qwen25.quant; their rows
+run the int kernels of quant/kernels/qlinear.h), standard (RoPE/YaRN-table) attention.
+Anything else (MoE, dual chunk attention, act-order or other modules, fp16, GPU) is left to
+the PyTorch model, and `unsupported_reason(model)` says why.
 """
 
 from __future__ import annotations
@@ -25,12 +26,33 @@ from qwen25.model.attention import Attention
 from qwen25.model.model import RMSNorm
 from qwen25.model.moe import MLP
 from qwen25.model.rope import cos_sin
+from qwen25.quant import kernels as qkernels
+from qwen25.quant.modules import QuantLinear
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 _PER_LAYER = ("self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.weight",
               "self_attn.k_proj.bias", "self_attn.v_proj.weight", "self_attn.v_proj.bias",
               "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
               "mlp.down_proj.weight", "input_layernorm.weight", "post_attention_layernorm.weight")
+# The projections that may be quantized, in the decoder's order (decode.cpp: QQ .. QD).
+_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+class _QProj(ctypes.Structure):  # q25q::QProj (quant/kernels/qlinear.h)
+    _fields_ = [("bits", ctypes.c_int64), ("group", ctypes.c_int64), ("codes", ctypes.c_void_p),
+                ("scales", ctypes.c_void_p), ("zeros", ctypes.c_void_p)]
+
+
+def _quant_reason(m: QuantLinear, isa: str) -> str | None:
+    """Why the decoder cannot run this quantized projection (None when it can)."""
+    if isa != "avx512" or qkernels.load() is None:
+        return "quantized layers need the AVX-512 int kernels"
+    if m.perm is not None:
+        return "act-order (permuted) quantized layers"
+    if not qkernels.supports(m.bits, m.group_size) or m.scales.dtype != torch.float32:
+        return f"a {m.bits}-bit layer with group size {m.group_size}"
+    return None
 
 
 def unsupported_reason(model, isa: str = "avx512") -> str | None:
@@ -44,17 +66,26 @@ def unsupported_reason(model, isa: str = "avx512") -> str | None:
         return "mixture-of-experts layers"
     if cfg.dual_chunk_attention is not None:
         return "dual chunk attention"
+    if not getattr(cfg, "qkv_bias", True):
+        return "attention without q/k/v biases (Llama); the decoder reads the biases"
     if cfg.head_dim > 512 or cfg.head_dim % 2:
         return f"head_dim={cfg.head_dim}"
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-        if type(attn) is not Attention or type(mlp) is not MLP or any(type(m) is not nn.Linear for m in linears):
-            return "modified attention/MLP modules (e.g. quantized or adapted layers)"
+        if type(attn) is not Attention or type(mlp) is not MLP or any(
+                type(m) not in (nn.Linear, QuantLinear) for m in linears):
+            return "modified attention/MLP modules (e.g. adapted layers)"
+        for m in linears:
+            why = _quant_reason(m, isa) if isinstance(m, QuantLinear) else None
+            if why:
+                return why
         if type(layer.input_layernorm) is not RMSNorm or type(layer.post_attention_layernorm) is not RMSNorm:
             return "modified norm modules"
-    if type(model.lm_head) is not nn.Linear or type(model.model.norm) is not RMSNorm:
+    if type(model.lm_head) not in (nn.Linear, QuantLinear) or type(model.model.norm) is not RMSNorm:
         return "a modified lm_head or final norm"
+    if isinstance(model.lm_head, QuantLinear) and _quant_reason(model.lm_head, isa):
+        return f"the lm_head: {_quant_reason(model.lm_head, isa)}"
     if isa == "portable":
         return None if kernels.load() is not None else kernels.unavailable_reason()
     if kernels.best_isa(_DTYPE_NAMES[model.dtype]) is None:
@@ -79,13 +110,15 @@ class FastDecoder:
         self._tensors = self._collect(model, cache)
         ptrs = [t.data_ptr() for t in self._tensors["layers"]]
         layer_arr = (ctypes.c_void_p * len(ptrs))(*ptrs)
+        quant = self._tensors["quant"]
+        q_arr = (_QProj * len(quant))(*quant) if any(q.codes for q in quant) else None
         k_arr = (ctypes.c_void_p * len(cache.k))(*[t.data_ptr() for t in cache.k])
         v_arr = (ctypes.c_void_p * len(cache.v))(*[t.data_ptr() for t in cache.v])
         handle = lib.q25_decoder_new(
             kernels.DTYPE_CODES[_DTYPE_NAMES[self.dtype]], kernels.ISAS[isa], cfg.num_hidden_layers,
             cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads,
             cfg.head_dim, cfg.vocab_size, cfg.rms_norm_eps, layer_arr, self._tensors["norm"].data_ptr(),
-            self._tensors["lm_head"].data_ptr(), k_arr, v_arr, cache.slots, cache.max_seq_len)
+            self._tensors["lm_head"].data_ptr(), k_arr, v_arr, cache.slots, cache.max_seq_len, q_arr)
         if not handle:
             raise RuntimeError("the C++ decoder rejected this model configuration")
         self._handle = handle
@@ -93,9 +126,18 @@ class FastDecoder:
 
     @staticmethod
     def _collect(model, cache: KVCache) -> dict:
-        layers = []
+        layers, quant, keep = [], [], []
         for layer in model.model.layers:
             params = dict(layer.named_parameters())
+            for proj in _PROJECTIONS:
+                m = layer.get_submodule(proj)
+                if isinstance(m, QuantLinear):
+                    params[f"{proj}.weight"] = m.qweight  # a placeholder: the decoder reads `quant`
+                    quant.append(_QProj(m.bits, m.group_size, m.qweight.data_ptr(), m.scales.data_ptr(),
+                                        m.zeros.data_ptr()))
+                    keep.extend((m.qweight, m.scales, m.zeros))  # kept referenced
+                else:
+                    quant.append(_QProj(0, 0, None, None, None))
             for name in _PER_LAYER:
                 if name not in params and name.endswith("_proj.bias"):
                     # Llama has no q/k/v biases: the kernels add zeros (kept referenced here)
@@ -106,15 +148,24 @@ class FastDecoder:
                 if not t.is_contiguous():
                     raise RuntimeError(f"parameter {name} is not contiguous")
                 layers.append(t)
+        head = model.lm_head
+        if isinstance(head, QuantLinear):
+            quant.append(_QProj(head.bits, head.group_size, head.qweight.data_ptr(), head.scales.data_ptr(),
+                                head.zeros.data_ptr()))
+            keep.extend((head.scales, head.zeros))
+            head = head.qweight  # a placeholder: the decoder reads `quant`
+        else:
+            quant.append(_QProj(0, 0, None, None, None))
+            head = head.weight.detach().contiguous()
         for t in cache.k + cache.v:
             assert t.is_contiguous() and t.dtype == model.dtype
-        return {"layers": layers, "norm": model.model.norm.weight.detach(),
-                "lm_head": model.lm_head.weight.detach().contiguous()}
+        return {"layers": layers, "quant": quant, "keep": keep, "norm": model.model.norm.weight.detach(),
+                "lm_head": head}
 
     @staticmethod
     def signature(model) -> tuple:
-        """Addresses of every parameter: changes when a parameter tensor is replaced."""
-        return tuple(p.data_ptr() for p in model.parameters())
+        """Addresses of every parameter and buffer (quantized codes): changes when one is replaced."""
+        return tuple(p.data_ptr() for p in model.parameters()) + tuple(b.data_ptr() for b in model.buffers())
 
     def stale(self) -> bool:
         return self.signature(self.model) != self._signature

@@ -29,7 +29,7 @@ from pathlib import Path
 from qwen25.files import atomic_path
 
 SOURCE = Path(__file__).with_name("decode.cpp")
-HEADERS = ("kernels.h", "pool.h")  # included by decode.cpp
+HEADERS = ("kernels.h", "pool.h", "../../quant/kernels/qlinear.h")  # included by decode.cpp
 FLAGS = ("-O3", "-std=c++20", "-fopenmp-simd", "-pthread", "-fPIC", "-shared")
 ISAS = {"portable": 0, "avx512": 1}
 DTYPE_CODES = {"float32": 0, "bfloat16": 1}
@@ -60,7 +60,7 @@ def build() -> Path:
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (install g++ or set CXX)")
-    sources = SOURCE.read_bytes() + b"".join(SOURCE.with_name(h).read_bytes() for h in HEADERS)
+    sources = SOURCE.read_bytes() + b"".join((SOURCE.parent / h).read_bytes() for h in HEADERS)
     key = hashlib.sha256(sources + " ".join(FLAGS).encode() + cxx.encode()).hexdigest()[:16]
     out_dir = cache_dir()
     lib = out_dir / f"qwen25_decode-{key}.so"
@@ -78,7 +78,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.q25_cpu_supports.argtypes, lib.q25_cpu_supports.restype = [i32], i32
     lib.q25_decoder_new.argtypes = [i32, i32, i64, i64, i64, i64, i64, i64, i64, ctypes.c_float,
-                                    p, p, p, p, p, i64, i64]
+                                    p, p, p, p, p, i64, i64, p]
     lib.q25_decoder_new.restype = p
     lib.q25_decoder_free.argtypes, lib.q25_decoder_free.restype = [p], None
     lib.q25_decoder_step.argtypes = [p, i64, p, p, p, p, p, p, p, p, i32]

@@ -26,6 +26,7 @@
 
 #include "kernels.h"
 #include "pool.h"
+#include "../../quant/kernels/qlinear.h"  // int8/int4 weight rows (QuantLinear projections)
 
 namespace {
 
@@ -37,6 +38,14 @@ struct Job {
   const void* W;  // [N, K] row-major, dtype T
   int64_t N;
   float* y;  // output column 0 of this matrix, row stride ldy
+  const q25q::QProj* q = nullptr;  // set: W is unused, the rows are int8/int4 codes
+};
+
+// The inputs of quantized jobs as their kernels read them (fp32; int4: reordered), made
+// once per GEMV call; empty when no job of the call is quantized.
+struct QInputs {
+  std::vector<float> plain, nibble;
+  const float* get(const q25q::QProj& q) const { return q.bits == 4 ? nibble.data() : plain.data(); }
 };
 
 struct Chunk {
@@ -68,19 +77,33 @@ inline std::vector<Chunk> plan(const Job* jobs, int njobs, int64_t K, int64_t el
 // item's rows are done (while its outputs are still in cache).
 template <typename T, typename Post>
 void run(const Kernels<T>& kern, const Job* jobs, const std::vector<Chunk>& chunks, const T* x, int64_t M,
-         int64_t K, int64_t ldy, int nthreads, Post&& post) {
+         int64_t K, int64_t ldy, int nthreads, Post&& post, const QInputs* qx = nullptr) {
   parallel_for(int64_t(chunks.size()), nthreads, [&](int64_t c, int) {
     const Chunk& ch = chunks[size_t(c)];
     const Job& jb = jobs[ch.job];
-    kern.rows(static_cast<const T*>(jb.W), K, x, M, jb.y, ldy, ch.n0, ch.n1);
+    if (jb.q) q25q::qrows(*jb.q, K, qx->get(*jb.q), M, jb.y, ldy, ch.n0, ch.n1);
+    else kern.rows(static_cast<const T*>(jb.W), K, x, M, jb.y, ldy, ch.n0, ch.n1);
     post(c, ch);
   });
 }
 
 template <typename T>
+QInputs quant_inputs(const Job* jobs, int njobs, const T* x, int64_t M, int64_t K) {
+  QInputs qx;
+  for (int j = 0; j < njobs; ++j) {
+    if (!jobs[j].q) continue;
+    std::vector<float>& dst = jobs[j].q->bits == 4 ? qx.nibble : qx.plain;
+    if (dst.empty()) q25q::prepare_inputs(x, M, K, jobs[j].q->bits == 4, ld<T>, dst);
+  }
+  return qx;
+}
+
+template <typename T>
 void gemv(const Kernels<T>& kern, const Job* jobs, int njobs, const T* x, int64_t M, int64_t K,
           int64_t ldy, int nthreads) {
-  run(kern, jobs, plan(jobs, njobs, K, sizeof(T), nthreads), x, M, K, ldy, nthreads, [](int64_t, const Chunk&) {});
+  const QInputs qx = quant_inputs(jobs, njobs, x, M, K);
+  run(kern, jobs, plan(jobs, njobs, K, sizeof(T), nthreads), x, M, K, ldy, nthreads, [](int64_t, const Chunk&) {},
+      &qx);
 }
 
 // ---- the decoder ----------------------------------------------------------------------
@@ -89,6 +112,9 @@ void gemv(const Kernels<T>& kern, const Job* jobs, int njobs, const T* x, int64_
 // k_proj.weight, k_proj.bias, v_proj.weight, v_proj.bias, o_proj.weight, gate_proj.weight,
 // up_proj.weight, down_proj.weight, input_layernorm.weight, post_attention_layernorm.weight.
 enum { WQ, BQ, WK, BK, WV, BV, WO, WG, WU, WD, LN1, LN2, PER_LAYER };
+// Quantized projections, per layer in this order (codes == nullptr: a dense weight), then
+// one entry for the lm_head.
+enum { QQ, QK, QV, QO, QG, QU, QD, QUANT_PER_LAYER };
 
 struct Decoder {
   int dtype, isa;
@@ -99,6 +125,13 @@ struct Decoder {
   const void* lm_head;
   std::vector<void*> k_cache, v_cache;  // per layer [slots, n_kv, max_seq, head_dim]
   int64_t slots, max_seq;
+  std::vector<q25q::QProj> quant;  // n_layers * QUANT_PER_LAYER + 1 (lm_head), or empty (all dense)
+
+  const q25q::QProj* q(int64_t layer, int which) const {
+    if (quant.empty()) return nullptr;
+    const q25q::QProj& p = quant[size_t(layer * QUANT_PER_LAYER + which)];
+    return p.codes ? &p : nullptr;
+  }
 };
 
 template <typename T>
@@ -189,7 +222,8 @@ template <typename T>
 void lm_head(const Kernels<T>& kern, const Decoder& D, int64_t M, const T* h, float* logits, float* lse,
              int64_t* argmax, int nthreads) {
   const int64_t V = D.vocab;
-  Job head = {D.lm_head, V, logits};
+  Job head = {D.lm_head, V, logits, D.q(D.n_layers, 0)};
+  const QInputs qx = quant_inputs(&head, 1, h, M, D.hidden);
   const std::vector<Chunk> chunks = plan(&head, 1, D.hidden, sizeof(T), nthreads);
   struct Stat { float max; int64_t arg; float sum; };
   std::vector<Stat> stats(chunks.size() * size_t(M));
@@ -208,7 +242,7 @@ void lm_head(const Kernels<T>& kern, const Decoder& D, int64_t M, const T* h, fl
       }
       stats[size_t(c * M + m)] = {mx, arg, kern.sumexp(row + ch.n0, ch.n1 - ch.n0, mx)};
     }
-  });
+  }, &qx);
   for (int64_t m = 0; m < M; ++m) {
     Stat best = {-INFINITY, 0, 0.f};
     for (size_t c = 0; c < chunks.size(); ++c)
@@ -244,7 +278,8 @@ int step_impl(const Decoder& D, int64_t M, const T* x_in, const T* cos, const T*
 
     // attention: norm -> q, k, v (+bias) -> RoPE -> cache -> softmax(q k^T) v -> o_proj
     rmsnorm<T>(resid.data(), static_cast<const T*>(w[LN1]), M, H, D.eps, h.data());
-    Job qkv_jobs[3] = {{w[WQ], Nq, qkv.data()}, {w[WK], Nkv, qkv.data() + Nq}, {w[WV], Nkv, qkv.data() + Nq + Nkv}};
+    Job qkv_jobs[3] = {{w[WQ], Nq, qkv.data(), D.q(l, QQ)}, {w[WK], Nkv, qkv.data() + Nq, D.q(l, QK)},
+                       {w[WV], Nkv, qkv.data() + Nq + Nkv, D.q(l, QV)}};
     gemv<T>(kern, qkv_jobs, 3, h.data(), M, H, Nqkv, nthreads);
     for (int64_t m = 0; m < M; ++m) {
       float* row = qkv.data() + m * Nqkv;
@@ -273,13 +308,13 @@ int step_impl(const Decoder& D, int64_t M, const T* x_in, const T* cos, const T*
       }
     }
     attention<T>(kern, D, M, q_rot.data(), kc, vc, slot, pos, attn.data(), nthreads);
-    Job o_job = {w[WO], H, tmp.data()};
+    Job o_job = {w[WO], H, tmp.data(), D.q(l, QO)};
     gemv<T>(kern, &o_job, 1, attn.data(), M, Nq, H, nthreads);
     for (int64_t i = 0; i < M * H; ++i) resid[size_t(i)] = rnd<T>(resid[size_t(i)] + rnd<T>(tmp[size_t(i)]));
 
     // MLP: norm -> gate, up -> silu(gate) * up -> down
     rmsnorm<T>(resid.data(), static_cast<const T*>(w[LN2]), M, H, D.eps, h.data());
-    Job gu_jobs[2] = {{w[WG], I, gu.data()}, {w[WU], I, gu.data() + I}};
+    Job gu_jobs[2] = {{w[WG], I, gu.data(), D.q(l, QG)}, {w[WU], I, gu.data() + I, D.q(l, QU)}};
     gemv<T>(kern, gu_jobs, 2, h.data(), M, H, 2 * I, nthreads);
     for (int64_t m = 0; m < M; ++m) {
       float* gate = gu.data() + m * 2 * I;
@@ -288,7 +323,7 @@ int step_impl(const Decoder& D, int64_t M, const T* x_in, const T* cos, const T*
       kern.silu(gate, gate, I);
       for (int64_t i = 0; i < I; ++i) st(act.data(), m * I + i, rnd<T>(gate[i]) * rnd<T>(up[i]));
     }
-    Job d_job = {w[WD], H, tmp.data()};
+    Job d_job = {w[WD], H, tmp.data(), D.q(l, QD)};
     gemv<T>(kern, &d_job, 1, act.data(), M, I, H, nthreads);
     for (int64_t i = 0; i < M * H; ++i) resid[size_t(i)] = rnd<T>(resid[size_t(i)] + rnd<T>(tmp[size_t(i)]));
   }
@@ -308,14 +343,23 @@ int q25_cpu_supports(int dtype) { return dtype == BF16 ? cpu_has_avx512bf16() : 
 void* q25_decoder_new(int dtype, int isa, int64_t n_layers, int64_t hidden, int64_t inter, int64_t n_heads,
                       int64_t n_kv, int64_t head_dim, int64_t vocab, float eps, const void* const* layer_weights,
                       const void* norm, const void* lm_head, void* const* k_cache, void* const* v_cache,
-                      int64_t slots, int64_t max_seq) {
+                      int64_t slots, int64_t max_seq, const q25q::QProj* quant) {
   if ((dtype != F32 && dtype != BF16) || n_heads % n_kv || head_dim > 512 || head_dim % 2) return nullptr;
   if (isa == AVX512 && !q25_cpu_supports(dtype)) return nullptr;
+  if (quant) {  // the int kernels are AVX-512 only; each layout must be one they cover
+    if (isa != AVX512 || !q25q::cpu_ok()) return nullptr;
+    const int64_t ins[QUANT_PER_LAYER] = {hidden, hidden, hidden, n_heads * head_dim, hidden, hidden, inter};
+    for (int64_t i = 0; i <= n_layers * QUANT_PER_LAYER; ++i) {
+      const int64_t k = i == n_layers * QUANT_PER_LAYER ? hidden : ins[i % QUANT_PER_LAYER];
+      if (quant[i].codes && !q25q::supported(quant[i].bits, quant[i].group, k)) return nullptr;
+    }
+  }
   auto* D = new Decoder{dtype, isa, n_layers, hidden, inter, n_heads, n_kv, head_dim, vocab, eps,
                         std::vector<const void*>(layer_weights, layer_weights + n_layers * PER_LAYER),
                         norm, lm_head,
                         std::vector<void*>(k_cache, k_cache + n_layers),
-                        std::vector<void*>(v_cache, v_cache + n_layers), slots, max_seq};
+                        std::vector<void*>(v_cache, v_cache + n_layers), slots, max_seq, {}};
+  if (quant) D->quant.assign(quant, quant + n_layers * QUANT_PER_LAYER + 1);
   return D;
 }
 
