@@ -25,6 +25,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "data": ("data", "pretraining data: fetch built-in corpora, prepare shards, stats"),
     "pretrain": ("pretrain", "pretrain a model on token shards (stages, resume, torchrun)"),
     "sweep": ("sweep", "hyper-parameter sweep of short runs: fit LR, batch and loss scaling laws"),
+    "moe-study": ("moe_study", "dense vs MoE at matched active and total parameters: loss vs FLOPs and time"),
     "eval": ("eval", "long-context evaluation: passkey, needle, loss by position, the YaRN/DCA demo"),
     "speedrun": ("speedrun", "the whole recipe on built-in data: tokenizer, shards, pretraining, report"),
     "serve": ("serve", "OpenAI-compatible HTTP server with continuous batching"),

@@ -1,5 +1,6 @@
-"""PNG plots of a sweep: loss against learning rate per (N, D), and each fitted law with its
-optima and 95% band. Drawn with matplotlib's Agg backend (no display needed)."""
+"""PNG plots of a sweep (loss against learning rate per (N, D); each fitted law with its optima
+and 95% band) and of the dense-vs-MoE study (loss against training FLOPs and wall time; expert
+utilisation per layer). Drawn with matplotlib's Agg backend (no display needed)."""
 
 from __future__ import annotations
 
@@ -79,3 +80,48 @@ def _law_figure(plt, law, optima, ys, ylabel, log_y):
     ax.title.set_fontsize(8)
     ax.legend(fontsize=7)
     return fig
+
+
+def plot_study(results: dict[str, Any], out_dir: str | Path) -> list[Path]:
+    """loss_vs_flops.png, loss_vs_time.png and expert_utilisation.png in out_dir."""
+    plt = _plt()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for key, xlabel, name in (("flops", "training FLOPs", "loss_vs_flops.png"),
+                              ("seconds", "training wall time (s)", "loss_vs_time.png")):
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        for model, m in results["models"].items():
+            c = m["curves"]
+            ax.plot(c[key], _smooth(c["loss"]), label=f"{model} (held-out {m['held_out_loss']:.3f})")
+        ax.set(xscale="log", xlabel=xlabel, ylabel="train loss (nats/token, smoothed)",
+               title=f"dense vs MoE: loss against {xlabel}")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        written.append(out / name)
+    counts = np.array(results["utilisation"]["counts"], dtype=float)
+    share = counts / counts.sum(axis=1, keepdims=True).clip(min=1)
+    fig, ax = plt.subplots(figsize=(6.5, 0.6 + 0.5 * len(share) + 2))
+    im = ax.imshow(share, aspect="auto", cmap="viridis", vmin=0)
+    ax.set(xlabel="expert", ylabel="MoE layer", title="share of held-out assignments per expert "
+           f"(even = {1 / share.shape[1]:.3f})")
+    fig.colorbar(im, ax=ax)
+    ent = results["utilisation"]["entropy"]
+    ax.set_yticks(range(len(ent)), [f"{i}: H={e:.2f}" for i, e in enumerate(ent)])
+    fig.tight_layout()
+    fig.savefig(out / "expert_utilisation.png", dpi=110)
+    plt.close(fig)
+    written.append(out / "expert_utilisation.png")
+    return written
+
+
+def _smooth(ys: list[float], window: int = 9) -> list[float]:
+    """Trailing mean over `window` steps (single-step losses are noisy)."""
+    out, acc = [], []
+    for y in ys:
+        acc.append(y)
+        acc = acc[-window:]
+        out.append(sum(acc) / len(acc))
+    return out
