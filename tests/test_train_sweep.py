@@ -132,3 +132,19 @@ def test_grid_names_and_shapes():
     assert pts[0].config.micro_batch == 4 and pts[0].config.batch_tokens == 512
     assert pts[0].config.model_overrides["num_attention_heads"] == 2
     assert pts[4].config.model_overrides["hidden_size"] == ModelConfig.preset("tiny").hidden_size
+
+
+def test_a_diverged_run_counts_as_infinite_loss_and_the_fit_goes_on(tmp_path, manifest):
+    from qwen25.train.sweep import DIVERGED, _result, fit_sweep
+
+    cfg = _cfg(tmp_path, manifest, sizes=("32x1", "64x1", "96x1"), tokens=(1024,), lr=(1e-3, 3e-3, 1e-2, 1e-1))
+    pts = grid(cfg)
+    (tmp_path / "sweep" / "runs" / pts[3].name).mkdir(parents=True)
+    (tmp_path / "sweep" / "runs" / pts[3].name / DIVERGED).write_text("{}")
+    assert _result(pts[3])["loss"] == float("inf") and _result(pts[0]) is None
+    # rows as the sweep would collect them: lr 1e-1 diverged everywhere, a bowl elsewhere
+    rows = [{"N": p.N, "D": p.D, "lr": p.lr, "batch": p.batch,
+             "loss": float("inf") if p.lr == 1e-1 else 3 + (np.log10(p.lr) + 2.3) ** 2 + 1e4 / p.N} for p in pts]
+    res = fit_sweep(rows)
+    assert len(res["optima"]) == 3 and all(1e-3 < o["lr"] < 1e-2 for o in res["optima"])
+    assert "unbracketed" not in res["notes"]

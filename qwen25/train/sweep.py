@@ -7,7 +7,7 @@
 
 Re-running the same command skips finished runs and resumes interrupted ones. Runs go
 through the pretraining entry point (`qwen25.train.pretrain.pretrain`): in this process
-(`workers` 1), as `workers` child processes (`qwen25 pretrain --config RUN/run.json`,
+(`workers` 1), as `workers` child processes (`python -m qwen25.train.sweep RUN/run.json`,
 each pinned to `threads` CPU threads or to one GPU), or, under torchrun, rank r takes runs
 r, r + world, ... on its own GPU and rank 0 fits once every run is done.
 
@@ -181,8 +181,12 @@ def check(cfg: SweepConfig) -> None:
 
 
 def _result(p: Point) -> dict | None:
-    """The sweep row of a finished run, or None when it has not finished."""
-    path = Path(p.config.out) / "summary.json"
+    """The sweep row of a finished (or diverged) run, or None when it has not finished."""
+    folder = Path(p.config.out)
+    row = {"name": p.name, "size": p.size, "N": p.N, "D": p.D, "lr": p.lr, "batch": p.batch}
+    if (folder / DIVERGED).is_file():  # a too-high learning rate: worse than any finite loss
+        return {**row, "loss": math.inf, "tokens": 0, "elapsed_s": 0.0, "steps": 0, "diverged": True}
+    path = folder / "summary.json"
     if not path.is_file():
         return None
     s = json.loads(path.read_text())
@@ -190,9 +194,36 @@ def _result(p: Point) -> dict | None:
         return None
     ev = (s.get("eval") or {}).get("all") or next(iter((s.get("eval") or {}).values()), {})
     loss = ev.get("loss")
-    return {"name": p.name, "size": p.size, "N": p.N, "D": p.D, "lr": p.lr, "batch": p.batch,
-            "loss": loss if loss is not None and math.isfinite(loss) else math.inf,
+    return {**row, "loss": loss if loss is not None and math.isfinite(loss) else math.inf,
             "tokens": s["tokens"], "elapsed_s": s["elapsed_s"], "steps": s["step"]}
+
+
+DIVERGED = "diverged.json"
+
+
+def run_point(config_path: str | Path, loader_factory=None) -> dict[str, Any]:
+    """Train one grid point from its run.json; a diverged run leaves RUN/diverged.json
+    (its loss counts as infinite) instead of failing the sweep."""
+    from qwen25.train.loop import TrainingDiverged
+    from qwen25.train.pretrain import pretrain
+
+    config_path = Path(config_path)
+    cfg = _load_run_config(config_path)
+    try:
+        return pretrain(cfg, **({"loader_factory": loader_factory} if loader_factory is not None else {}))
+    except TrainingDiverged as e:
+        (config_path.parent / DIVERGED).write_text(json.dumps({"reason": str(e)}))
+        return {"diverged": str(e)}
+
+
+def _load_run_config(path: Path) -> PretrainConfig:
+    """The PretrainConfig a sweep wrote with `config_to_dict` (JSON lists back to tuples)."""
+    def tuples(d: dict) -> dict:
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+    d = tuples(json.loads(path.read_text()))
+    d["stages"] = tuple(Stage(**tuples(s)) for s in d["stages"])
+    return PretrainConfig(**d)
 
 
 def _write_run_config(p: Point) -> Path:
@@ -206,15 +237,13 @@ def _write_run_config(p: Point) -> Path:
 
 
 def _run_inline(points: list[Point], loader_factory, say) -> None:
-    from qwen25.train.pretrain import pretrain
-
     for i, p in enumerate(points):
         say(f"[{i + 1}/{len(points)}] {p.name} (N={p.N:,}, {stage_steps(p.config, p.config.stages[0])} steps)")
-        _write_run_config(p)
-        kwargs = {"loader_factory": loader_factory} if loader_factory is not None else {}
-        s = pretrain(p.config, **kwargs)
+        s = run_point(_write_run_config(p), loader_factory)
         if s.get("interrupted"):
             raise KeyboardInterrupt
+        if s.get("diverged"):
+            say(f"{p.name} diverged: its loss counts as infinite")
 
 
 def _child_env(slot: int, cfg: SweepConfig) -> dict[str, str]:
@@ -236,7 +265,7 @@ def _gpu_count() -> int:
 
 
 def _run_children(points: list[Point], cfg: SweepConfig, say, first_slot: int = 0) -> None:
-    """Each run as `python -m qwen25 pretrain --config RUN/run.json`, `workers` at a time."""
+    """Each run as `python -m qwen25.train.sweep RUN/run.json`, `workers` at a time."""
     queue = list(points)
     running: dict[int, tuple[subprocess.Popen, Point, Any]] = {}
     failed = []
@@ -245,7 +274,7 @@ def _run_children(points: list[Point], cfg: SweepConfig, say, first_slot: int = 
             slot = next(s for s in range(cfg.workers) if s not in running)
             p = queue.pop(0)
             log = open(Path(p.config.out).parent / f"{p.name}.log", "a")
-            cmd = [sys.executable, "-m", "qwen25", "pretrain", "--config", str(_write_run_config(p))]
+            cmd = [sys.executable, "-m", "qwen25.train.sweep", str(_write_run_config(p))]
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                     env=_child_env(first_slot + slot, cfg))
             running[slot] = (proc, p, log)
@@ -383,3 +412,11 @@ def _shape_of(cfg: PretrainConfig) -> ModelConfig:
 
     mc = load_config(cfg.init_from) if cfg.init_from else ModelConfig.from_hf(cfg.model)
     return mc.replace(**cfg.model_overrides) if cfg.model_overrides and not cfg.init_from else mc
+
+
+if __name__ == "__main__":  # a sweep's child process: train one grid point
+    try:
+        run_point(sys.argv[1])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
