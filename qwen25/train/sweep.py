@@ -273,12 +273,12 @@ def _run_children(points: list[Point], cfg: SweepConfig, say, first_slot: int = 
         while queue and len(running) < cfg.workers:
             slot = next(s for s in range(cfg.workers) if s not in running)
             p = queue.pop(0)
-            log = open(Path(p.config.out).parent / f"{p.name}.log", "a")
             cmd = [sys.executable, "-m", "qwen25.train.sweep", str(_write_run_config(p))]
+            log = open(Path(p.config.out) / "log.txt", "a")
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                     env=_child_env(first_slot + slot, cfg))
             running[slot] = (proc, p, log)
-            say(f"started {p.name} (N={p.N:,}) [{len(points) - len(queue) - len(running) + 1}/{len(points)}]")
+            say(f"started {p.name} (N={p.N:,}) [{len(points) - len(queue)}/{len(points)}]")
         time.sleep(0.5)
         for slot, (proc, p, log) in list(running.items()):
             if proc.poll() is not None:
@@ -288,7 +288,7 @@ def _run_children(points: list[Point], cfg: SweepConfig, say, first_slot: int = 
                     failed.append(p.name)
                 say(f"{'finished' if proc.returncode == 0 else 'FAILED'} {p.name}")
     if failed:
-        raise UserError(f"{len(failed)} run(s) failed ({', '.join(failed[:3])}); see OUT/runs/NAME.log, "
+        raise UserError(f"{len(failed)} run(s) failed ({', '.join(failed[:3])}); see OUT/runs/NAME/log.txt, "
                         "fix the cause and re-run the sweep (finished runs are kept)")
 
 
