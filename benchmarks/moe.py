@@ -3,7 +3,8 @@
 Both sides train the same MoE config from the same weights on the same token batches, in the
 same precision, with the load-balancing loss (coefficient from the config), gradient
 clipping at 1.0 and the same AdamW hyper-parameters. Ours runs the grouped expert path
-(`qwen25.model.moe.grouped_mm`); transformers runs its own per-expert loop. Rounds
+(`qwen25.model.moe.grouped_mm`); transformers 5 runs its own grouped_mm path by default,
+and its per-expert Python loop with `--eager-reference` (a third contender). Rounds
 alternate between the two, the medians are compared. A micro-benchmark of the expert
 layer alone (forward + backward, each backend) is printed too.
 
@@ -65,12 +66,16 @@ def ours(cfg, args, device, micro):
     return step
 
 
-def reference(cfg, args, device, micro):
+def reference(cfg, args, device, micro, experts: str | None = None):
+    """transformers' model; experts: None (its default, grouped_mm in transformers 5) or "eager"
+    (its per-expert Python loop)."""
     from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
     hf_cfg = Qwen2MoeConfig(**{k: v for k, v in cfg.to_hf().items() if k not in ("architectures", "model_type")})
     hf_cfg._attn_implementation = "sdpa"
     model = Qwen2MoeForCausalLM(hf_cfg).to(device).train()
+    if experts:
+        model.set_experts_implementation(experts)
     missing, unexpected = model.load_state_dict(build_model(cfg, device=device, seed=0).state_dict(), strict=False)
     assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
     decay = [p for p in model.parameters() if p.ndim >= 2]
@@ -122,6 +127,8 @@ def main() -> None:
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--eager-reference", action="store_true",
+                   help="also time transformers with experts_implementation='eager' (its per-expert loop)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     if args.threads:
@@ -139,8 +146,11 @@ def main() -> None:
         return run
 
     t0 = time.perf_counter()
-    med = alternate({"ours": synced(ours(cfg, args, device, micro)),
-                     "transformers": synced(reference(cfg, args, device, micro))}, rounds=args.rounds, warmup=1)
+    contenders = {"ours": synced(ours(cfg, args, device, micro)),
+                  "transformers": synced(reference(cfg, args, device, micro))}
+    if args.eager_reference:
+        contenders["transformers_eager"] = synced(reference(cfg, args, device, micro, "eager"))
+    med = alternate(contenders, rounds=args.rounds, warmup=1)
     layer = alternate({b: expert_layer(cfg, args.micro_batch * args.seq_len, device, b)
                        for b in ("padded", "grouped", "loop")}, rounds=3, warmup=1)
     n = count_parameters(cfg)
@@ -151,6 +161,9 @@ def main() -> None:
               "ours_tokens_per_s": round(tokens / med["ours"], 1),
               "transformers_tokens_per_s": round(tokens / med["transformers"], 1),
               "ratio": round(med["transformers"] / med["ours"], 3),
+              **({"transformers_eager_tokens_per_s": round(tokens / med["transformers_eager"], 1),
+                  "ratio_vs_eager": round(med["transformers_eager"] / med["ours"], 3)}
+                 if "transformers_eager" in med else {}),
               "expert_layer_s": {k: round(v, 4) for k, v in layer.items()},
               "wall_s": round(time.perf_counter() - t0, 1)}
     if args.json:
@@ -161,7 +174,11 @@ def main() -> None:
           f"{result['threads']} threads")
     print(f"  ours          {result['ours_tokens_per_s']:10.1f} tokens/s")
     print(f"  transformers  {result['transformers_tokens_per_s']:10.1f} tokens/s")
+    if "ratio_vs_eager" in result:
+        print(f"  transformers (eager experts) {result['transformers_eager_tokens_per_s']:10.1f} tokens/s")
     print(f"  ratio ours / transformers: {result['ratio']:.2f}x  (median of {args.rounds} alternating rounds)")
+    if "ratio_vs_eager" in result:
+        print(f"  ratio ours / transformers with its per-expert loop: {result['ratio_vs_eager']:.2f}x")
     print("  expert layer fwd+bwd (s): " + ", ".join(f"{k} {v:.3f}" for k, v in result["expert_layer_s"].items()))
 
 

@@ -110,7 +110,12 @@ def test_sparse_moe_router_gradient_equals_the_reference_path():
     torch.testing.assert_close(outs["auto"], outs["loop"], **TOL)
     grads = {b: dict((n, p.grad) for n, p in layer.named_parameters()) for b, layer in layers.items()}
     for name, g in grads["auto"].items():
-        torch.testing.assert_close(g, grads["loop"][name], **TOL, msg=lambda m: f"{name}: {m}")
+        # Router gradients sum many signed terms (entries near 0 next to entries ~350), so the
+        # absolute tolerance is 1e-5 of the tensor's largest entry (both fp32 paths are equally
+        # far from a float64 run, ~6e-7 of it).
+        ref = grads["loop"][name]
+        torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()),
+                                   msg=lambda m: f"{name}: {m}")
     assert grads["auto"]["gate.weight"].abs().sum() > 0  # the router is trained through the weights
 
 

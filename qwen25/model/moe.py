@@ -9,8 +9,8 @@ every token passes through, gated by a sigmoid (spec §1.6):
 Expert weights are stacked, [E, 2I, h] for gate|up and [E, h, I] for down (the checkpoint
 stores one tensor per expert; `checkpoint.py` stacks them). The (token, slot) assignments
 are sorted by expert once, and each of the two projections is then ONE grouped matmul over
-the contiguous per-expert segments (`grouped_mm`): `torch._grouped_mm` on CUDA sm90+ in
-bf16, else one padded `bmm` over [E, C, h] (faster than the CPU grouped kernel).
+the contiguous per-expert segments (`grouped_mm`): torch's grouped matmul kernel on CUDA
+in bf16, else one padded `bmm` over [E, C, h] (faster than the CPU grouped kernel).
 Neither loops over experts in Python nor syncs with the host on the grouped path, and the
 router weights multiply the expert outputs inside autograd, so the router gets its gradient.
 `grouped_mm(..., backend="loop")` is the per-expert reference the tests compare against.
@@ -86,7 +86,8 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, backend: 
         backend = "grouped" if _grouped_kernel_fits(x, w) else "padded"
     if backend == "grouped":
         offsets = torch.cumsum(counts, 0).to(torch.int32)  # end row of each group
-        return torch._grouped_mm(x.contiguous(), w, offs=offsets)
+        gmm = getattr(F, "grouped_mm", None) or torch._grouped_mm  # public from torch 2.10 on
+        return gmm(x.contiguous(), w, offs=offsets)
     if backend == "padded":
         return _padded_mm(x, w, counts)
     if backend == "loop":
@@ -122,11 +123,12 @@ _KERNEL_DTYPES = {"cuda": (torch.bfloat16,)}
 
 def _grouped_kernel_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
     """torch._grouped_mm exists, takes this device/dtype, and its 16-byte stride rule holds."""
-    if not hasattr(torch, "_grouped_mm") or x.dtype != w.dtype:
+    if not (hasattr(F, "grouped_mm") or hasattr(torch, "_grouped_mm")) or x.dtype != w.dtype:
         return False
     if x.dtype not in _KERNEL_DTYPES.get(x.device.type, ()):
         return False
-    if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] < 9:
+    # torch >= 2.9 runs it on sm80+ (older builds: Hopper only)
+    if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] < (8 if hasattr(F, "grouped_mm") else 9):
         return False
     per16 = 16 // x.element_size()
     return x.shape[1] % per16 == 0 and w.shape[2] % per16 == 0
