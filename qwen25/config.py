@@ -184,6 +184,7 @@ class ModelConfig:
     decoder_sparse_step: int = 1  # layer i is MoE iff (i + 1) % step == 0 ...
     mlp_only_layers: tuple[int, ...] = ()  # ... and i is not listed here
     router_aux_loss_coef: float = 0.001  # weight of the load-balancing loss in training
+    router_z_loss_coef: float = 0.0  # weight of the ST-MoE router z-loss in training (0: off; ST-MoE uses 1e-3)
     # --- long context at inference ---
     dual_chunk_attention: DCAConfig | None = None
     torch_dtype: str = "bfloat16"  # dtype the weights are stored in
@@ -249,6 +250,8 @@ class ModelConfig:
                 raise ConfigError("decoder_sparse_step must be >= 1")
             if self.shared_expert_intermediate_size < 0:
                 raise ConfigError("shared_expert_intermediate_size must be >= 0")
+            if not (self.router_aux_loss_coef >= 0 and self.router_z_loss_coef >= 0):
+                raise ConfigError("router_aux_loss_coef and router_z_loss_coef must be >= 0")
             bad = [i for i in self.mlp_only_layers if not 0 <= i < self.num_hidden_layers]
             if bad:
                 raise ConfigError(f"mlp_only_layers {bad} are outside 0..{self.num_hidden_layers - 1}")
@@ -376,6 +379,8 @@ class ModelConfig:
                 output_router_logits=False,
                 qkv_bias=True,
             )
+            if self.router_z_loss_coef:  # a training setting; released configs never carry it
+                d["router_z_loss_coef"] = self.router_z_loss_coef
         if self.dual_chunk_attention is not None:
             d["dual_chunk_attention_config"] = self.dual_chunk_attention.to_hf()
         return d

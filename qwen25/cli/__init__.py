@@ -26,6 +26,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "pretrain": ("pretrain", "pretrain a model on token shards (stages, resume, torchrun)"),
     "sft": ("sft", "supervised fine-tuning on chat data, full or LoRA (packing, resume, torchrun)"),
     "eval": ("eval", "benchmarks and report cards (run, compare); long-context probes (passkey, needle, ppl)"),
+    "sweep": ("sweep", "hyper-parameter sweep of short runs: fit LR, batch and loss scaling laws"),
+    "moe-study": ("moe_study", "dense vs MoE at matched active and total parameters: loss vs FLOPs and time"),
     "speedrun": ("speedrun", "the whole recipe on built-in data: tokenizer, shards, pretraining, report"),
     "dpo": ("dpo", "DPO on preference pairs (sigmoid/IPO/hinge/robust; Online Merging Optimizer)"),
     "reward": ("reward", "reward model: train on preference pairs (Bradley-Terry), score conversations"),
