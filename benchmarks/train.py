@@ -33,7 +33,7 @@ from qwen25.train.loop import flops_per_token, lm_loss, measure_matmul_flops, tr
 from qwen25.train.optim import build_optimizer  # noqa: E402
 from qwen25.train.parallel import World, apply_compile  # noqa: E402
 
-# The speedrun's CPU model (see qwen25/train/speedrun.py): small enough for 2 cores.
+# The speedrun's CPU model (see qwen25/recipes/speedrun.py): small enough for 2 cores.
 SPEEDRUN = dict(hidden_size=192, intermediate_size=576, num_hidden_layers=4, num_attention_heads=3,
                 num_key_value_heads=1, vocab_size=8192, tie_word_embeddings=True, rope_theta=10_000.0)
 

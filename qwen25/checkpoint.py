@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 
 from qwen25.config import ConfigError, ModelConfig
 from qwen25.errors import UserError
+from qwen25.files import atomic_path, atomic_write
 from qwen25.model.model import Transformer, build_model
 
 SINGLE_FILE = "model.safetensors"
@@ -343,17 +344,13 @@ def save_model(model: Transformer, path: str | Path, max_shard_size: int | str =
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
     return path
 
 
 def _atomic_write_text(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, text + "\n")
 
 
 def verify_checkpoint(path: str | Path) -> dict[str, int]:

@@ -1,4 +1,7 @@
-"""Model configuration: one frozen dataclass for dense Qwen2.5 and its MoE variant.
+"""Model configuration: one frozen dataclass for dense Qwen2.5, its MoE variant, and Llama.
+
+Llama (`LlamaForCausalLM`, e.g. SmolLM2) is the same decoder without the q/k/v biases;
+`qkv_bias=False` describes it and is written back as a `model_type: llama` config.
 
 Field names follow the Hugging Face `config.json` of the released checkpoints so that
 `from_hf` / `to_hf` are a rename-free round trip. Two on-disk styles exist and both are
@@ -65,6 +68,9 @@ class RopeScaling:
         d.pop("rope_theta", None)  # transformers 5 keeps the base inside rope_parameters
         if kind is None:
             raise ConfigError("rope_scaling needs a 'type' (or 'rope_type'), e.g. \"yarn\"")
+        if kind not in ROPE_SCALING_TYPES:  # before the fields: name the type, not its extras
+            raise ConfigError(f"rope_scaling.type={kind!r} is not supported; use one of "
+                              f"{', '.join(ROPE_SCALING_TYPES)}")
         known = {f.name for f in dataclasses.fields(cls)} - {"type"}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -156,6 +162,7 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
     attention_dropout: float = 0.0
+    qkv_bias: bool = True  # biases on q/k/v (Qwen2: yes; Llama: no -> model_type "llama")
     bos_token_id: int | None = 151643
     eos_token_id: int | tuple[int, ...] | None = 151643
     pad_token_id: int | None = None
@@ -209,6 +216,11 @@ class ModelConfig:
             raise ConfigError(f"attention_dropout={self.attention_dropout} must be in [0, 1)")
         if self.num_experts < 0:
             raise ConfigError(f"num_experts={self.num_experts} must be >= 0")
+        if not isinstance(self.qkv_bias, bool):
+            raise ConfigError(f"qkv_bias={self.qkv_bias!r} must be true or false")
+        if self.num_experts and not self.qkv_bias:
+            raise ConfigError("qkv_bias=false with num_experts > 0 has no checkpoint layout "
+                              "(Qwen2-MoE has q/k/v biases); set qkv_bias to true")
         if self.num_experts:
             if not 0 < self.num_experts_per_tok <= self.num_experts:
                 raise ConfigError(
@@ -233,11 +245,14 @@ class ModelConfig:
 
     @property
     def model_type(self) -> str:
-        return "qwen2_moe" if self.is_moe else "qwen2"
+        if self.is_moe:
+            return "qwen2_moe"
+        return "qwen2" if self.qkv_bias else "llama"
 
     @property
     def architecture(self) -> str:
-        return "Qwen2MoeForCausalLM" if self.is_moe else "Qwen2ForCausalLM"
+        return {"qwen2_moe": "Qwen2MoeForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                "llama": "LlamaForCausalLM"}[self.model_type]
 
     def is_moe_layer(self, i: int) -> bool:
         """HF rule: sparse iff not MLP-only, experts exist, and (i+1) % step == 0."""
@@ -321,6 +336,12 @@ class ModelConfig:
         }
         if self.pad_token_id is not None:
             d["pad_token_id"] = self.pad_token_id
+        if self.model_type == "llama":
+            # LlamaConfig spells the biases attention_bias (q/k/v and o) and mlp_bias; it has
+            # no sliding-window keys.
+            for k in ("use_sliding_window", "sliding_window", "max_window_layers"):
+                del d[k]
+            d.update(attention_bias=False, mlp_bias=False, head_dim=self.head_dim)
         if self.head_dim != self.hidden_size // self.num_attention_heads:
             d["head_dim"] = self.head_dim
         if self.is_moe:
@@ -350,25 +371,50 @@ _HF_BOOKKEEPING = frozenset({
     "add_cross_attention", "chunk_size_feed_forward", "pruned_heads", "problem_type",
     "id2label", "label2id", "tokenizer_class", "prefix", "sep_token_id", "decoder_start_token_id",
     "task_specific_params", "finetuning_task", "cross_attention_hidden_size", "tf_legacy_loss",
-    "output_router_logits", "qkv_bias", "layer_types", "rope_parameters", "rope_scaling",
+    "output_router_logits", "layer_types", "rope_parameters", "rope_scaling",
     "rope_theta", "dual_chunk_attention_config", "auto_map", "_attn_implementation_autoset",
     "use_mrope", "sliding_window", "max_window_layers", "use_sliding_window",
 })
 
 
+# LlamaConfig's defaults where they differ from ModelConfig's (Qwen2.5's): a Llama
+# config.json that omits a key means these.
+_LLAMA_DEFAULTS = {"vocab_size": 32000, "max_position_embeddings": 2048, "rope_theta": 10_000.0,
+                   "bos_token_id": 1, "eos_token_id": 2}
+
+
+def _llama_fields(d: dict[str, Any]) -> None:
+    """Turn a LlamaForCausalLM config into ModelConfig terms, in place (errors name the
+    field that has no equivalent here)."""
+    if d.pop("attention_bias", False) is not False:
+        raise ConfigError("attention_bias=true (biases on q/k/v and o_proj) is not supported; "
+                          "only Llama checkpoints without attention biases load")
+    if d.pop("mlp_bias", False) is not False:
+        raise ConfigError("mlp_bias=true is not supported; only Llama checkpoints without MLP "
+                          "biases load")
+    d.pop("pretraining_tp", None)  # a matmul split of Meta's training; the math is unchanged
+    for k, v in _LLAMA_DEFAULTS.items():
+        d.setdefault(k, v)
+    d["qkv_bias"] = False
+
+
 def _config_from_hf_dict(src: dict[str, Any]) -> ModelConfig:
     d = dict(src)
     model_type = d.get("model_type")
-    if model_type not in ("qwen2", "qwen2_moe"):
+    if model_type not in ("qwen2", "qwen2_moe", "llama"):
         raise ConfigError(
             f"model_type={model_type!r} is not supported; this package loads Qwen2/Qwen2.5 "
-            "checkpoints (model_type 'qwen2' or 'qwen2_moe')"
+            "and Llama checkpoints (model_type 'qwen2', 'qwen2_moe' or 'llama')"
         )
+    if model_type == "llama":
+        _llama_fields(d)
+    elif "qkv_bias" in d:
+        if d["qkv_bias"] is not True:
+            raise ConfigError("qkv_bias=false is not supported; Qwen2 has biases on q/k/v")
+        del d["qkv_bias"]
     act = d.get("hidden_act", "silu")
     if act != "silu":
         raise ConfigError(f"hidden_act={act!r} is not supported; Qwen2 uses 'silu'")
-    if d.get("qkv_bias", True) is not True:
-        raise ConfigError("qkv_bias=false is not supported; Qwen2 has biases on q/k/v")
     if d.get("quantization_config") is not None:
         raise ConfigError(
             "this checkpoint is quantized (quantization_config); load the bf16/fp32 weights "
@@ -417,10 +463,10 @@ def _config_from_hf_dict(src: dict[str, Any]) -> ModelConfig:
     dtype = d.get("torch_dtype") or d.get("dtype")
     if dtype:
         kwargs["torch_dtype"] = str(dtype).removeprefix("torch.")
-    if model_type == "qwen2":
+    if model_type in ("qwen2", "llama"):
         for k in ("num_experts", "num_experts_per_tok"):
             if kwargs.get(k):
-                raise ConfigError(f"{k} is set but model_type is 'qwen2'; use 'qwen2_moe'")
+                raise ConfigError(f"{k} is set but model_type is {model_type!r}; use 'qwen2_moe'")
     elif not kwargs.get("num_experts"):
         raise ConfigError("model_type 'qwen2_moe' needs num_experts > 0")
     if kwargs.get("num_key_value_heads") is None:
@@ -490,7 +536,8 @@ def count_parameters(cfg: ModelConfig) -> dict[str, int]:
     """
     h, d = cfg.hidden_size, cfg.head_dim
     q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
-    attn = h * q + q + 2 * (h * kv + kv) + q * h
+    bias = (q + 2 * kv) if cfg.qkv_bias else 0
+    attn = h * q + 2 * h * kv + bias + q * h
     norms = 2 * h
     total = active = 0
     for i in range(cfg.num_hidden_layers):

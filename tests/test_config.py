@@ -93,7 +93,8 @@ def test_inconsistent_fields_are_clear_errors(change, needle):
 
 
 @pytest.mark.parametrize("patch,needle", [
-    ({"model_type": "llama"}, "model_type='llama' is not supported"),
+    ({"model_type": "gpt2"}, "model_type='gpt2' is not supported"),
+    ({"qkv_bias": False}, "qkv_bias=false is not supported"),
     ({"frobnicate": 3}, "unknown config.json field"),
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"use_sliding_window": True}, "use_sliding_window"),

@@ -11,8 +11,8 @@ from qwen25 import Engine, build_model, load_tokenizer
 from qwen25.config import ModelConfig
 from qwen25.engine.scheduler import Request
 from qwen25.engine.sampling import SamplingParams
-from qwen25.engine.text import (TextStream, _chat_result, chat, complete, sampling_defaults,
-                                stream_complete)
+from qwen25.assistant import chat, chat_result
+from qwen25.engine.text import TextStream, complete, sampling_defaults, stream_complete
 from qwen25.errors import UserError
 
 
@@ -97,7 +97,7 @@ def test_tool_calls_are_parsed_into_the_message(tok):
         stream.push(i)
     stream.finish()
     request.outputs[0].finish_reason = "stop"
-    result = _chat_result(request, stream, parse_tools=True)
+    result = chat_result(request, stream.text, "stop", parse_tools=True)
     assert result.finish_reason == "tool_calls"
     assert result.message == {"role": "assistant", "content": "Let me check.", "tool_calls": [
         {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}

@@ -1,7 +1,8 @@
 """The dependency direction of design.md, enforced by reading every import in the package.
 
 Layers: 0 config, errors; 1 tokenizer, model; 2 chat, checkpoint, quant; 3 data, engine,
-eval.tasks; 4 train, eval, serve; 5 cli. A module may import its own layer or lower ones;
+eval.tasks; 4 train, eval, serve; 5 recipes (the speedrun and demos, which chain stages);
+6 cli. A module may import its own layer or lower ones;
 imports inside functions count too. The model never imports the tokenizer.
 """
 
@@ -18,8 +19,10 @@ LAYERS = [  # (module prefix, layer); the longest matching prefix wins
     ("qwen25.tokenizer", 1), ("qwen25.model", 1),
     ("qwen25.chat", 2), ("qwen25.checkpoint", 2), ("qwen25.quant", 2),
     ("qwen25.data", 3), ("qwen25.engine", 3), ("qwen25.eval.tasks", 3),
+    ("qwen25.assistant", 4),
     ("qwen25.train", 4), ("qwen25.eval", 4), ("qwen25.serve", 4),
-    ("qwen25.cli", 5), ("qwen25.__main__", 5), ("qwen25", 0),
+    ("qwen25.recipes", 5),
+    ("qwen25.cli", 6), ("qwen25.__main__", 6), ("qwen25", 0),
 ]
 
 
@@ -29,6 +32,20 @@ ALLOWED = {
     # lives one layer up in qwen25.chat, imported at call time by a thin wrapper.
     ("qwen25.tokenizer.core", "qwen25.chat"),
 }
+
+# Imports that the layer numbers alone would allow but the design forbids: (importer prefix,
+# imported prefix, why).
+FORBIDDEN = [
+    ("qwen25.engine", "qwen25.chat", "the engine knows token ids; templates and tool parsing live above it"),
+    ("qwen25.eval", "qwen25.train", "evaluation reads checkpoints; a recipe (qwen25.recipes) chains both"),
+]
+
+# What CLI verbs may import from qwen25.cli: the shared modules, never another verb.
+CLI_SHARED = {"qwen25.cli", "qwen25.cli.args", "qwen25.cli.config_args"}
+
+
+def _under(module: str, prefix: str) -> bool:
+    return module == prefix or module.startswith(prefix + ".")
 
 
 def layer_of(module: str) -> int | None:
@@ -73,6 +90,11 @@ def test_every_module_has_a_layer_and_imports_only_downwards():
                 problems.append(f"{mod} (layer {own}) imports {dep} (layer {dep_layer})")
             if mod.startswith("qwen25.model") and dep.startswith("qwen25.tokenizer"):
                 problems.append(f"{mod} imports the tokenizer")
+            if _under(mod, "qwen25.cli") and _under(dep, "qwen25.cli") and dep not in CLI_SHARED:
+                problems.append(f"{mod} imports the verb module {dep}: shared pieces go in qwen25.cli.args")
+            for low, high, why in FORBIDDEN:
+                if _under(mod, low) and _under(dep, high) and not _under(mod, high):
+                    problems.append(f"{mod} imports {dep}: {why}")
     assert not problems, "\n".join(problems)
 
 

@@ -19,7 +19,7 @@ from conftest import randomize_
 from qwen25 import build_model, load_model
 from qwen25.config import ModelConfig
 from qwen25.eval.filler import filler_pool
-from qwen25.eval.longctx_demo import DemoConfig, _corpus, _training_row, run_demo, weighted_lm_loss
+from qwen25.recipes.longctx_demo import DemoConfig, _corpus, _training_row, run_demo, weighted_lm_loss
 from qwen25.tokenizer.train import train_tokenizer
 
 

@@ -17,6 +17,7 @@ from transformers.generation.logits_process import (
 )
 
 from qwen25.engine import sampling as S
+from qwen25.model.logprobs import token_logprobs, top_logprobs
 from qwen25.errors import UserError
 
 NO_IDS = torch.zeros(1, 0, dtype=torch.long)  # the warpers ignore input_ids
@@ -161,7 +162,7 @@ def test_sampling_is_reproducible_and_follows_the_probabilities():
 def test_token_logprobs_are_log_softmax():
     logits = distinct_logits(50, 1)[None].repeat(2, 1)
     tokens = torch.tensor([3, 7])
-    chosen, (vals, top_ids) = S.token_logprobs(logits, tokens, top=4)
+    chosen, (vals, top_ids) = token_logprobs(logits, tokens, 1.0), top_logprobs(logits, 4, 1.0)
     ref = logits.log_softmax(-1)
     torch.testing.assert_close(chosen, ref[[0, 1], tokens])
     torch.testing.assert_close(vals, ref.topk(4, dim=-1).values)

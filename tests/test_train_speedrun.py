@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qwen25.train import speedrun as sr
+from qwen25.recipes import speedrun as sr
 from qwen25.train.config import validate
 from qwen25.train.pretrain import pretrain
 from qwen25.train.report import write_report

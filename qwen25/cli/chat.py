@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 
-from qwen25.cli.generate import add_model_args, add_sampling_args, load_for_generation, sampling_from_args
+from qwen25.cli.args import add_model_args, add_sampling_args, load_for_generation, sampling_from_args
 
 HELP = "commands: /reset, /system TEXT, /exit (or Ctrl-D), /help; Ctrl-C stops a reply"
 
@@ -41,7 +41,7 @@ class Conversation:
     def fit(self, tokenizer, budget: int) -> int:
         """Drop the oldest exchanges until the prompt has at most `budget` tokens; returns
         how many messages were dropped. The newest user message always stays."""
-        from qwen25.engine.text import chat_prompt
+        from qwen25.assistant import chat_prompt
 
         dropped = 0
         while len(self.turns) > 1 and len(chat_prompt(tokenizer, self.messages())) > budget:
@@ -52,7 +52,7 @@ class Conversation:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qwen25.engine.text import chat_prompt, stream_chat
+    from qwen25.assistant import chat_prompt, stream_chat
 
     model, tokenizer, engine = load_for_generation(args)
     sampling = sampling_from_args(args, model)

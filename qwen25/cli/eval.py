@@ -18,21 +18,17 @@ import sys
 from pathlib import Path
 
 from qwen25.cli.config_args import add_config_arguments, config_from_args
-from qwen25.cli.generate import add_context_args, load_model_and_tokenizer
+from qwen25.cli.args import add_model_args, load_model_and_tokenizer
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="checkpoint folder (HF layout: config.json, *.safetensors)")
-    p.add_argument("--tokenizer", help="tokenizer folder, or 'qwen2.5' for the built-in vocabulary "
-                                       "(default: the model folder)")
-    p.add_argument("--dtype", default="auto", help="float32, bfloat16 or auto (as saved; default)")
+    add_model_args(p, max_seq_len=False)  # probes size their engine to the longest probe
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_context_args(p)
 
 
 def configure(p: argparse.ArgumentParser) -> None:
     from qwen25.eval.longctx import ProbeConfig
-    from qwen25.eval.longctx_demo import DemoConfig
+    from qwen25.recipes.longctx_demo import DemoConfig
     from qwen25.eval.position_ppl import PplConfig
 
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -62,7 +58,7 @@ def _load(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     if args.command == "longctx-demo":
-        from qwen25.eval.longctx_demo import DemoConfig, run_demo
+        from qwen25.recipes.longctx_demo import DemoConfig, run_demo
 
         result = run_demo(config_from_args(DemoConfig, args))
         print(result["markdown"])

@@ -21,7 +21,7 @@ import argparse
 import os
 import sys
 
-from qwen25.cli.generate import add_model_args, load_model_and_tokenizer
+from qwen25.cli.args import add_model_args, build_engine
 
 DEFAULT_BATCH = 16
 CACHE_MEMORY_SHARE = 0.25  # the default context keeps the KV cache under this share of RAM
@@ -47,47 +47,6 @@ def configure(p: argparse.ArgumentParser) -> None:
     g.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds running requests may take to finish after SIGTERM (default 30)")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    try:  # until the shared long-context flags of generate/chat reach add_model_args
-        p.add_argument("--rope-scaling", metavar="TYPE:FACTOR",
-                       help="RoPE scaling over the trained length, e.g. yarn:4 (Qwen2.5's 4x)")
-        p.add_argument("--dca", metavar="CHUNK:LOCAL",
-                       help="dual chunk attention: chunk size (the trained context) and local window")
-    except argparse.ArgumentError:
-        pass  # add_model_args already defines them
-
-
-def extend_context(model, rope_scaling: str | None, dca: str | None) -> int:
-    """Apply --rope-scaling / --dca to the loaded model; return its context limit.
-
-    Limit: max_position_embeddings; with RoPE scaling factor s over the trained length L,
-    s x L; with DCA, 4 x chunk_size (the report's 4x extrapolation); the largest applies.
-    """
-    from qwen25.config import DCAConfig, RopeScaling
-    from qwen25.errors import UserError
-
-    cfg = model.config
-    sc = cfg.rope_scaling
-    trained = (sc.original_max_position_embeddings if sc is not None and sc.original_max_position_embeddings
-               else cfg.max_position_embeddings)
-    changes: dict = {}
-    if rope_scaling:
-        changes["rope_scaling"] = RopeScaling.parse(rope_scaling, trained)
-    if dca:
-        parts = dca.split(":")
-        if len(parts) != 2 or not all(x.strip().isdigit() for x in parts):
-            raise UserError(f"--dca {dca!r}: expected CHUNK:LOCAL in tokens, e.g. 32768:2048")
-        changes["dual_chunk_attention"] = DCAConfig(int(parts[0]), int(parts[1]), trained)
-    if changes:
-        cfg = cfg.replace(**changes)
-        model.set_rope(cfg)
-        for layer in model.model.layers:  # attention reads its DCA config from the module
-            layer.self_attn.dca = cfg.dual_chunk_attention
-    limit = cfg.max_position_embeddings
-    if cfg.rope_scaling is not None:
-        limit = max(limit, int(trained * cfg.rope_scaling.factor))
-    if cfg.dual_chunk_attention is not None:
-        limit = max(limit, 4 * cfg.dual_chunk_attention.chunk_size)
-    return limit
 
 
 def kv_bytes_per_token(cfg, dtype_bytes: int) -> int:
@@ -111,32 +70,36 @@ def _memory_bytes() -> int:
         return 16 * 2**30
 
 
+def serve_engine(args: argparse.Namespace):
+    """(model, tokenizer, engine) of the server: the context rules of every verb
+    (`engine_context`), with a default sized to the memory (`default_context`)."""
+    def default(model, limit: int) -> int:
+        per_token = kv_bytes_per_token(model.config, model.dtype.itemsize)
+        return default_context(limit, per_token, args.max_batch_size, _memory_bytes())
+
+    return build_engine(args, args.max_batch_size, default, "--max-model-len",
+                        prefill_chunk=args.prefill_chunk, threads=args.threads)
+
+
 def run(args: argparse.Namespace) -> int:
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # weights in 2 MiB pages (see engine/hugepages.py)
-    from qwen25.engine import Engine
     from qwen25.errors import UserError
+    from qwen25.model.context import context_limit
     from qwen25.serve import ServerConfig, ServerState, run as serve
 
     for name in ("max_batch_size", "max_queue", "prefill_chunk", "port"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be a positive integer")
-    model, tokenizer, limit = load_model_and_tokenizer(args)
-    per_token = kv_bytes_per_token(model.config, model.dtype.itemsize)
-    if args.max_seq_len is not None:
-        if args.max_seq_len > limit and model.config.dual_chunk_attention is None:
-            raise UserError(f"--max-model-len {args.max_seq_len} is longer than the model's context of {limit} "
-                            "tokens; extend it with --rope-scaling yarn:FACTOR, or lower --max-model-len")
-        context, note = args.max_seq_len, ""
-    else:
-        context = default_context(limit, per_token, args.max_batch_size, _memory_bytes())
-        note = "" if context == limit else f" (cut from {limit} to fit memory; set --max-model-len)"
-    engine = Engine(model, max_batch_size=args.max_batch_size, max_seq_len=context,
-                    prefill_chunk=args.prefill_chunk, threads=args.threads)
+    model, tokenizer, engine = serve_engine(args)
+    context = engine.max_seq_len
     keys = tuple(args.api_key) or ((os.environ["QWEN25_API_KEY"],) if os.environ.get("QWEN25_API_KEY") else ())
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     config = ServerConfig(served_model_name=name, model_path=str(args.model), api_keys=keys,
                           max_queue=args.max_queue)
     state = ServerState(engine, tokenizer, config)
+    limit = context_limit(model.config)
+    note = ""
+    if args.max_seq_len is None and context < limit:
+        note = f" (cut from {limit} to fit memory; set --max-model-len)"
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1 | batch {args.max_batch_size}, context "
           f"{context}{note}, KV cache {engine.cache_bytes / 2**30:.2f} GiB, decode {engine.decode_path}"
           f"{', API key required' if keys else ''}", file=sys.stderr, flush=True)

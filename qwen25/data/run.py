@@ -19,7 +19,6 @@ records already decided. The output is then the same as an uninterrupted run's.
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -32,6 +31,7 @@ from qwen25.data.ledger import Ledger, reopen
 from qwen25.data.shards import ShardWriter, separator_id, tokenize
 from qwen25.data.sources import Document
 from qwen25.data.workers import Result, Skipped
+from qwen25.files import atomic_write
 
 LENGTH_EDGES = [0] + [2**k for k in range(25)]  # document length histogram bins, in tokens
 CHECKPOINT = "checkpoint.json"
@@ -198,12 +198,7 @@ class Run:
                  "ledger": self.ledger.state(), "decontam_bytes": self.decontam.tell(),
                  "dedup": self.dedup_saved, "domains": {d: dict(c) for d, c in self.domains.items()},
                  "lengths": self.lengths.tolist(), "scores": self.scores, "writers": writers}
-        tmp = self.work / (CHECKPOINT + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.work / CHECKPOINT)
+        atomic_write(self.work / CHECKPOINT, json.dumps(state), fsync=True)
 
     def close_stage_a(self) -> tuple[list, list]:
         """Flush, close the writers: (train staging shards, val shards)."""

@@ -6,10 +6,11 @@
     for token in engine.stream([9707, 1879], max_new_tokens=32): ...
     engine.score(prompt_ids, continuation_ids).logprobs # log p of given tokens
 
-Token ids only: templates, stop strings, detokenisation and tool calls live in
-`qwen25.engine.text` and above. `generate` and `stream` are thin loops over the step-level
-core (`add` / `step` / `cancel`, see `scheduler.py`) that the server drives from its own
-thread. Prompts of different lengths share a batch and each sequence stops on its own;
+Token ids only: stop strings and detokenisation live in `qwen25.engine.text` /
+`detokenize.py`, templates and tool calls above the engine (`qwen25.assistant`).
+`generate` and `stream` run on the engine's one dispatcher (`dispatch.py`), the loop over the
+step-level core (`add` / `step` / `cancel`, see `scheduler.py`) that the server, the text
+helpers and evaluation drive too. Prompts of different lengths share a batch and each sequence stops on its own;
 the `n` samples of a prompt share one prefill.
 
 A server drives the core from one thread and adds requests from others:
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qwen25.engine.dispatch import Dispatcher
 from qwen25.engine.hugepages import collapse_in_background
 from qwen25.engine.runner import ModelRunner
 from qwen25.engine.sampling import SamplingParams
@@ -174,37 +176,19 @@ class Engine:
                              min_p=min_p, repetition_penalty=repetition_penalty,
                              presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                              stop_token_ids=stop_token_ids, seed=seed, logprobs=logprobs, n=n)
-        requests: list[Request] = []
-        try:
-            for p in prompts:
-                requests.append(self.add(p, params))
-            while not all(r.finished for r in requests):
-                self.step()
-        finally:
-            for r in requests:
-                if not r.finished:
-                    self.cancel(r)
-        return [c for r in requests for c in r.outputs]
+        subs = Dispatcher(self).generate(prompts, params)
+        return [c for s in subs for c in s.request.outputs]
 
     def stream(self, prompt: Sequence[int], max_new_tokens: int = 16, **sampling) -> Iterator[int]:
         """Yield the new token ids of one prompt as they are produced (same keywords as
         `generate`, n must be 1). Closing the iterator early cancels the request."""
         if sampling.get("n", 1) != 1:
             raise UserError("stream produces one sample; use add()/step() for n > 1")
-        request = self.add(prompt, max_new_tokens=max_new_tokens, **sampling)
-        sent = 0
-        try:
-            while True:
-                tokens = request.outputs[0].tokens
-                while sent < len(tokens):
-                    sent += 1
-                    yield tokens[sent - 1]
-                if request.finished:
-                    return
-                self.step()
-        finally:
-            if not request.finished:
-                self.cancel(request)
+        dispatcher = Dispatcher(self)
+        sub = dispatcher.submit(prompt, make_params(max_new_tokens=max_new_tokens, **sampling))
+        for ev in dispatcher.run([sub]):
+            if ev.token is not None:
+                yield ev.token
 
     def score(self, prompt_ids: Sequence[int], continuation_ids: Sequence[int], top_logprobs: int = 0) -> Score:
         """Log-probabilities of `continuation_ids` following `prompt_ids` (one forward, no

@@ -1,4 +1,4 @@
-"""Bind a dense model and a SlotCache to the C++ decoder (`kernels/decode.cpp`).
+"""Bind a dense model and a KVCache to the C++ decoder (`kernels/decode.cpp`).
 
 The decoder reads the model's own parameter tensors and the cache's tensors in place (no
 copy, no fused weights: q/k/v and gate/up share one parallel pass in C++ instead), so
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from qwen25.engine import kernels
-from qwen25.engine.kv_cache import SlotCache
+from qwen25.model.kv_cache import KVCache
 from qwen25.model.attention import Attention
 from qwen25.model.model import RMSNorm
 from qwen25.model.moe import MLP
@@ -66,7 +66,7 @@ def unsupported_reason(model, isa: str = "avx512") -> str | None:
 class FastDecoder:
     """One call per decode step: embeddings in, logits [M, vocab] float32 out."""
 
-    def __init__(self, model, cache: SlotCache, isa: str = "avx512", threads: int | None = None):
+    def __init__(self, model, cache: KVCache, isa: str = "avx512", threads: int | None = None):
         reason = unsupported_reason(model, isa)
         if reason is not None:
             raise RuntimeError(f"the C++ decoder cannot run this model: {reason}")
@@ -92,7 +92,7 @@ class FastDecoder:
         self._signature = self.signature(model)
 
     @staticmethod
-    def _collect(model, cache: SlotCache) -> dict:
+    def _collect(model, cache: KVCache) -> dict:
         layers = []
         for layer in model.model.layers:
             params = dict(layer.named_parameters())

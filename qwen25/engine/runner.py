@@ -14,11 +14,11 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from qwen25.engine.fast import FastDecoder, unsupported_reason
-from qwen25.engine.kv_cache import SlotCache
+from qwen25.model.kv_cache import KVCache
 from qwen25.errors import UserError
+from qwen25.model.logprobs import head_logprobs
 
 
 class Logits(NamedTuple):
@@ -42,7 +42,7 @@ class ModelRunner:
             raise UserError(f"decode={decode!r} is not a decode path; use auto, fast, torch or portable")
         self.model = model
         self.config = model.config
-        self.cache = SlotCache(model.config, slots, max_seq_len, model.dtype, model.device)
+        self.cache = KVCache(model.config, slots, max_seq_len, model.dtype, model.device)
         self.fast: FastDecoder | None = None
         self.fast_reason: str | None = None  # why the fast path is off (None when on)
         self._isa = "portable" if decode == "portable" else "avx512"
@@ -106,17 +106,5 @@ class ModelRunner:
         """
         x = torch.tensor([ids], dtype=torch.long, device=self.model.device)
         h, _ = self.model.hidden_states(x)
-        h = h[0, start - 1:-1]  # position t predicts token t + 1
-        targets = x[0, start:]
-        lps, greedy, top_vals, top_ids = [], [], [], []
-        for i in range(0, h.shape[0], chunk):
-            logp = F.log_softmax(self.model.lm_head(h[i:i + chunk]).float(), dim=-1)
-            tgt = targets[i:i + chunk]
-            lps.append(logp.gather(-1, tgt[:, None]).squeeze(-1))
-            greedy.append(logp.argmax(-1) == tgt)
-            if top:
-                v, j = logp.topk(top, dim=-1)
-                top_vals.append(v)
-                top_ids.append(j)
-        tops = (torch.cat(top_vals), torch.cat(top_ids)) if top else None
-        return torch.cat(lps).cpu(), torch.cat(greedy).cpu(), tops
+        # position t predicts token t + 1; raw distribution (temperature 1), as the API reports
+        return head_logprobs(h[0, start - 1:-1], self.model.lm_head, x[0, start:], 1.0, top, chunk)

@@ -224,20 +224,3 @@ def penalize(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | 
         logits = presence_frequency_penalty(logits, counts, params.presence_penalty, params.frequency_penalty)
     return logits
 
-
-# --------------------------------------------------------------------------------------
-# Log-probabilities (of the raw model distribution, before penalties and temperature)
-# --------------------------------------------------------------------------------------
-
-
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int = 0, lse: torch.Tensor | None = None):
-    """logits [B, V] float32, tokens [B] -> (logprob of each token [B],
-    top-`top` (values [B, top], ids [B, top]) or None). `lse`: the rows' log-sum-exp if
-    already known."""
-    if lse is None:
-        lse = torch.logsumexp(logits, dim=-1)
-    chosen = logits.gather(-1, tokens[:, None]).squeeze(-1) - lse
-    if top <= 0:
-        return chosen, None
-    vals, ids = logits.topk(top, dim=-1)
-    return chosen, (vals - lse[:, None], ids)

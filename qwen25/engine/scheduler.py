@@ -34,8 +34,9 @@ from dataclasses import dataclass, field
 import torch
 
 from qwen25.engine.runner import Logits, ModelRunner
-from qwen25.engine.sampling import SamplingParams, sample_row, token_logprobs
+from qwen25.engine.sampling import SamplingParams, sample_row
 from qwen25.errors import UserError
+from qwen25.model.logprobs import logsumexp_fp32, token_logprobs, top_logprobs
 
 
 @dataclass
@@ -249,9 +250,14 @@ class Scheduler:
         logits = out.logits.float().cpu()
         tokens = self._sample(seqs, logits, out.argmax)
         top = max(s.request.params.logprobs for s in seqs)
-        chosen, tops = token_logprobs(logits, torch.tensor(tokens), top, out.lse)
-        chosen = chosen.tolist()
-        tops = (tops[0].tolist(), tops[1].tolist()) if tops is not None else None
+        # Reported log p are of the raw model distribution (temperature 1, before penalties
+        # and filters), as the OpenAI API and vLLM report them.
+        lse = out.lse if out.lse is not None else logsumexp_fp32(logits)
+        chosen = token_logprobs(logits, torch.tensor(tokens), 1.0, lse=lse).tolist()
+        tops = None
+        if top:
+            values, ids = top_logprobs(logits, top, 1.0, lse)
+            tops = (values.tolist(), ids.tolist())
         outputs = []
         for i, (seq, token) in enumerate(zip(seqs, tokens)):
             p, out = seq.request.params, seq.out

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from qwen25.errors import UserError
+from qwen25.files import atomic_write
 
 TASKS = ("passkey", "needle")
 SCORINGS = ("exact", "ll", "both")
@@ -152,21 +153,24 @@ def run_probes(engine, tokenizer, probes: Sequence[Probe], scoring: str = "exact
     bar = tqdm(total=len(probes) * (2 if scoring == "both" else 1), disable=not progress,
                desc="probes", unit="probe")
     if scoring in ("exact", "both"):
-        pending = {}
+        # Keep the engine's slots full without queueing every long prompt at once.
+        from qwen25.engine import SamplingParams
+        from qwen25.engine.dispatch import Dispatcher
+
+        dispatcher = Dispatcher(engine, tokenizer)
         queue = list(enumerate(probes))
-        while queue or pending:
-            # Keep the engine's slots full without queueing every long prompt at once.
-            while queue and len(pending) < engine.max_batch_size:
+        running: dict[int, object] = {}
+        while queue or running:
+            while queue and len(running) < engine.max_batch_size:
                 i, p = queue.pop(0)
-                pending[i] = engine.add(p.prompt, max_new_tokens=len(p.answer_ids) + 2,
-                                        temperature=0.0, stop_token_ids=[])
-            engine.step()
-            for i, request in list(pending.items()):
-                if request.finished:
-                    out = tokenizer.decode(request.outputs[0].tokens)
-                    results[i].output = out
-                    results[i].exact = first_number(out) == probes[i].answer
-                    del pending[i]
+                params = SamplingParams(max_new_tokens=len(p.answer_ids) + 2, temperature=0.0, stop_token_ids=())
+                running[i] = dispatcher.submit(p.prompt, params, skip_special_tokens=False)
+            dispatcher.step()
+            for i, sub in list(running.items()):
+                if sub.finished:
+                    results[i].output = sub.text(0)
+                    results[i].exact = first_number(sub.text(0)) == probes[i].answer
+                    del running[i]
                     bar.update()
     if scoring in ("ll", "both"):
         for p, r in zip(probes, results):
@@ -356,9 +360,4 @@ def write_report(result: dict, out_dir, task: str, title: str) -> list:
 
 
 def _write_atomic(path, text: str):
-    import os
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, text)

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from qwen25.errors import UserError
+from qwen25.files import atomic_write
+from qwen25.model.logprobs import token_logprobs
 from qwen25.model.kv_cache import KVCache
 
 
@@ -40,8 +40,8 @@ def position_nll(model, ids: torch.Tensor, chunk: int = 512) -> torch.Tensor:
     for a in range(0, N - 1, chunk):
         b = min(a + chunk, N - 1)  # positions a..b-1 predict a+1..b; the last token predicts nothing
         h, _ = model.hidden_states(ids[:, a:b], kv_cache=cache)
-        logits = model.lm_head(h).float()  # [B, b - a, vocab]
-        out.append(F.cross_entropy(logits.transpose(1, 2), ids[:, a + 1:b + 1], reduction="none"))
+        logits = model.lm_head(h)  # [B, b - a, vocab]
+        out.append(-token_logprobs(logits, ids[:, a + 1:b + 1], 1.0))
     return torch.cat(out, dim=1).cpu()
 
 
@@ -164,10 +164,7 @@ def write_ppl_report(result: dict, out_dir, title: str, trained: int | None = No
     for name, text in (("ppl.json", json.dumps(result, indent=1)),
                        ("ppl.md", f"# loss against position: {title}\n\n"
                                   + markdown_bins(curves, "next-token loss per position bin") + "\n")):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
-        paths.append(out / name)
+        paths.append(atomic_write(out / name, text))
     plot_bins(curves, out / "ppl.png", title, trained)
     paths.append(out / "ppl.png")
     return paths

@@ -1,6 +1,7 @@
 """Grouped-query self-attention over `F.scaled_dot_product_attention`.
 
 Qwen2 specifics (spec §1.4): biases on q/k/v only (o_proj has none), RoPE on q and k,
+(Llama: the same without the q/k/v biases, `cfg.qkv_bias=False`),
 scale head_dim^-0.5, KV head j serves query heads j*g .. j*g+g-1 (g = heads / kv_heads).
 SDPA computes the softmax in float32 internally on CPU and GPU, and `enable_gqa` lets it
 read the shared KV heads without materialising the repeated copies.
@@ -22,9 +23,9 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=True)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
         self.dropout = cfg.attention_dropout
         self.dca = cfg.dual_chunk_attention

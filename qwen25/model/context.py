@@ -9,9 +9,12 @@ be given them on the command line:
     --dca 32768:2048[:ORIGINAL]      CHUNK:LOCAL[:ORIGINAL]; "none" removes it
 
 `extend_context(model, rope_scaling, dca)` validates the overrides, applies them to a loaded
-model (`Transformer.set_rope`, weights untouched) and returns the context limit that the
-engine, the CLI and the server enforce. `context_limit(cfg)` gives that limit for any
-config, including checkpoints that ship `rope_scaling` in their config.json:
+model (`Transformer.set_rope`, weights untouched) and returns the context limit.
+`context_limit(cfg)` gives that limit for any config, including checkpoints that ship
+`rope_scaling` in their config.json; `engine_context(limit, requested, default)` is the one
+check of a requested engine length against it (generate, chat, serve and eval build their
+Engine with it; the Engine's `max_seq_len` is then the only length anything enforces: the
+engine for prompts, the server for prompt + max_tokens). The limit:
 
 - no extension: `max_position_embeddings`;
 - RoPE scaling with factor s over a trained length L (`original_max_position_embeddings`,
@@ -30,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 
 from qwen25.config import ConfigError, DCAConfig, ModelConfig, RopeScaling
+from qwen25.errors import UserError
 
 DCA_EXTRAPOLATION = 4  # context limit under DCA, in chunk sizes (report §5.2.4: 4x)
 _OFF = ("none", "off")
@@ -126,3 +130,21 @@ def extend_context(model, rope_scaling: str | RopeScaling | None = None,
     if cfg is not model.config:
         model.set_rope(cfg)
     return context_limit(cfg)
+
+
+def engine_context(limit: int, requested: int | None, default: int, flag: str = "--max-seq-len") -> int:
+    """Positions (prompt + generated tokens) an Engine is built with for a model whose
+    `context_limit` is `limit`: `requested` when given, else `min(default, limit)`.
+
+    A requested length past the limit is a UserError naming `flag` and the two fixes (extend
+    the context, or ask for less), whatever the extension in use: under DCA too, the limit is
+    where the report measured the extrapolation.
+    """
+    if requested is None:
+        return max(2, min(default, limit))
+    if not isinstance(requested, int) or isinstance(requested, bool) or requested < 2:
+        raise UserError(f"{flag} {requested!r} must be an integer of at least 2 (one prompt and one new token)")
+    if requested > limit:
+        raise UserError(f"{flag} {requested} is longer than the model's context of {limit} tokens; extend it "
+                        f"with --rope-scaling yarn:FACTOR and/or --dca CHUNK:LOCAL, or lower {flag}")
+    return requested

@@ -7,9 +7,12 @@ nothing is queued or running. New requests therefore join the running batch betw
 decode steps, and the asyncio event loop never runs the model: it only submits jobs and
 awaits their updates (`loop.call_soon_threadsafe` into one `asyncio.Queue` per job).
 
-Text is made here, on the engine thread, right after each step: detokenisation and stop
-strings (`TextStream`) decide when a sample is finished, so a stop string cancels the work
-before the next step and the token counts never depend on event-loop timing.
+The engine is driven through its one dispatcher (`qwen25.engine.dispatch`), on this thread:
+it turns each step's tokens into text, decides when a sample is finished (stop token, stop
+string, length) and cancels work a stop string ended, so the token counts never depend on
+event-loop timing. A generated stop token is the last entry of a choice's logprobs (as in
+vLLM and the OpenAI API) but adds no text: lm-evaluation-harness reads the log-likelihood of
+an answer from `token_logprobs[ctxlen:-1]` of a one-token completion, whatever that token is.
 
 A job is one HTTP request: one or more prompts (a completions request may list several),
 each decoded into n samples. Its choices are numbered prompt-major (choice = prompt * n +
@@ -34,9 +37,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from qwen25.engine import Engine, SamplingParams
+from qwen25.engine.dispatch import Dispatcher, Submission, TextEvent
 from qwen25.engine.engine import Score
-from qwen25.engine.scheduler import Request
-from qwen25.engine.text import TextStream
 from qwen25.serve.errors import APIError, error_from_exception, queue_full
 from qwen25.serve.metrics import Metrics
 
@@ -58,7 +60,7 @@ class SampleUpdate:
 
     choice: int
     text: str  # text that is safe to show now ("" while a stop string might be forming)
-    tokens: list[TokenInfo]  # new tokens, except a final end-of-sequence token
+    tokens: list[TokenInfo]  # new tokens (a final stop token included: it has a logprob, no text)
     finish_reason: str | None = None  # "stop" | "length" on the choice's last update
     completion_tokens: int = 0  # tokens generated for the choice so far (usage)
 
@@ -93,8 +95,7 @@ class Job:
     submitted_at: float = 0.0
     first_token_at: float | None = None
     finished: bool = False
-    requests: list[Request] = field(default_factory=list)
-    _streams: list[TextStream] = field(default_factory=list)
+    submissions: list[Submission] = field(default_factory=list)  # one per prompt
     _done: list[bool] = field(default_factory=list)
     _counts: list[int] = field(default_factory=list)
     _cancelled: bool = False
@@ -116,7 +117,7 @@ class EngineWorker:
         self._inbox: deque[Job] = deque()
         self._cancels: list[Job] = []
         self._jobs: dict[int, Job] = {}  # accepted and unfinished, by job id
-        self._by_request: dict[int, tuple[Job, int]] = {}  # engine request id -> (job, prompt)
+        self.dispatcher = Dispatcher(engine, tokenizer)  # used on the engine thread only
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.fatal: BaseException | None = None  # set if the thread died
@@ -173,7 +174,8 @@ class EngineWorker:
         try:
             while True:
                 with self._cond:
-                    while not (self._stopping or self._inbox or self._cancels or self.engine.has_work):
+                    while not (self._stopping or self._inbox or self._cancels or self.engine.has_work
+                                or self.dispatcher.active):
                         self._cond.wait()
                     if self._stopping:
                         break
@@ -183,9 +185,9 @@ class EngineWorker:
                     self._start(job)
                 for job in cancels:  # after starting: a job may be cancelled before its first step
                     self._cancel(job)
-                if self.engine.has_work:
+                if self.engine.has_work or self.dispatcher.active:
                     try:
-                        self._dispatch(self.engine.step())
+                        self._dispatch(self.dispatcher.step())
                     except Exception as e:  # a bug: fail what is running, keep serving
                         self._fail_all(error_from_exception(e))
                         continue
@@ -205,8 +207,6 @@ class EngineWorker:
         job._done = [False] * job.choices
         job._counts = [0] * job.choices
         try:
-            job._streams = [TextStream(self.tokenizer, job.stop, job.skip_special_tokens)
-                            for _ in range(job.choices)]
             if job.prompt_logprobs is not None:
                 for i, prompt in enumerate(job.prompts):
                     score = None
@@ -219,42 +219,29 @@ class EngineWorker:
                 job._done = [True] * job.choices
                 return
             for i, prompt in enumerate(job.prompts):
-                request = self.engine.add(prompt, job.params)
-                job.requests.append(request)
-                self._by_request[request.id] = (job, i)
+                job.submissions.append(self.dispatcher.submit(prompt, job.params, job.stop, job.skip_special_tokens,
+                                                              tag=(job, i)))
         except Exception as e:  # UserError from the engine: 400; anything else: 500
             self._fail(job, error_from_exception(e))
 
-    def _dispatch(self, outputs) -> None:
+    def _dispatch(self, events: list[TextEvent]) -> None:
         updates: dict[int, list[SampleUpdate]] = {}
         now = time.perf_counter()
-        for out in outputs:
-            entry = self._by_request.get(out.request.id)
-            if entry is None:
-                continue
-            job, p = entry
-            c = p * job.params.n + out.index
-            if job._done[c]:
-                continue  # a stop string already ended this choice; the token is discarded
+        for ev in events:
+            job, p = ev.submission.tag
+            c = p * job.params.n + ev.index
+            if job._done[c] or ev.finish_reason == "cancelled":
+                continue  # cancelled: the client is gone; _reap counts the job as aborted
             if job.first_token_at is None:
                 job.first_token_at = now
                 self.metrics.observe_first_token(now - job.submitted_at)
-            stream = job._streams[c]
-            job._counts[c] += 1
-            text = stream.push(out.token)
-            is_eos = out.finish_reason == "stop" and out.token in out.request.stop_ids
-            tokens = [] if is_eos else [TokenInfo(out.token, out.logprob, out.top_logprobs)]
-            reason = out.finish_reason
-            if stream.stopped:
-                reason = "stop"
-            if reason is not None:
-                text += stream.finish()
+            tokens = []
+            if ev.token is not None:
+                job._counts[c] += 1
+                tokens = [TokenInfo(ev.token, ev.logprob, ev.top_logprobs)]
+            if ev.finished:
                 job._done[c] = True
-                request = out.request
-                n = job.params.n
-                if not request.finished and all(job._done[p * n:(p + 1) * n]):
-                    self.engine.cancel(request)  # stop strings ended every sample early
-            updates.setdefault(job.id, []).append(SampleUpdate(c, text, tokens, reason, job._counts[c]))
+            updates.setdefault(job.id, []).append(SampleUpdate(c, ev.text, tokens, ev.finish_reason, job._counts[c]))
         for job_id, batch in updates.items():
             self._send(self._jobs[job_id], batch)
 
@@ -262,15 +249,13 @@ class EngineWorker:
         for job in list(self._jobs.values()):
             if all(job._done):
                 self._finish(job, success=True)
-            elif job.requests and all(r.finished for r in job.requests):
+            elif job.submissions and all(s.request.finished for s in job.submissions):
                 self._finish(job, success=False)  # cancelled (client gone) or failed
 
     def _finish(self, job: Job, success: bool) -> None:
         job.finished = True
         with self._cond:
             self._jobs.pop(job.id, None)
-        for r in job.requests:
-            self._by_request.pop(r.id, None)
         if success:
             elapsed = time.perf_counter() - job.submitted_at
             prompt_tokens = sum(len(p) for p in job.prompts)
@@ -281,16 +266,15 @@ class EngineWorker:
         if job.finished or job._cancelled:
             return
         job._cancelled = True
-        for r in job.requests:
-            self.engine.cancel(r)
+        for sub in job.submissions:
+            self.dispatcher.cancel(sub)
         self.metrics.count_aborted()
-        if not job.requests:  # never reached the engine (failed, or scored only)
+        if not job.submissions:  # never reached the engine (failed, or scored only)
             self._finish(job, success=False)
 
     def _fail(self, job: Job, error: APIError) -> None:
-        for r in job.requests:
-            if not r.finished:
-                self.engine.cancel(r)
+        for sub in job.submissions:
+            self.dispatcher.cancel(sub)
         self._send(job, JobFailed(error))
         self._finish(job, success=False)
 

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from qwen25.errors import UserError
+from qwen25.files import atomic_write
 from qwen25.tokenizer import qwen
 from qwen25.tokenizer.bytelevel import derive_merges, str_to_token, token_to_str
 from qwen25.tokenizer.core import AddedToken, Tokenizer
@@ -288,23 +288,7 @@ def write_folder(path: str | os.PathLike, source: BuiltinSource | JsonSource,
         "tokenizer_config.json": json.dumps(config, ensure_ascii=False, indent=2),
     }
     for name, text in files.items():
-        _atomic_write(folder / name, text)
+        atomic_write(folder / name, text)
     return [str(folder / name) for name in files]
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual file mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask

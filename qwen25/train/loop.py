@@ -1,8 +1,9 @@
 """The optimizer step every training stage shares, and the small state machines around it.
 
 `train_step` runs one optimizer step over a list of micro-batches: forward/backward each
-one (gradient sync only on the last), normalise by the number of target tokens of the
-whole step across all ranks, measure the gradient norm, and then either clip and step or
+one (gradient sync only on the last), normalise by what the loss function says it summed
+over (target tokens for language modelling and SFT, pairs for DPO), added up over the whole
+step across all ranks, measure the gradient norm, and then either clip and step or
 *skip*: a non-finite loss or gradient norm, or a loss / gradient-norm spike (z-score over a
 recent window, as OLMo-core's SkipStepOptimizer does), zeroes the gradients and leaves the
 weights and the optimizer state untouched. The caller logs why.
@@ -59,7 +60,17 @@ def lm_loss(model: nn.Module, batch: Batch, cfg: ModelConfig, ce_chunk: int | No
     return ce, count, aux
 
 
-LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
+LossFn = Callable[[nn.Module, Batch], tuple]
+"""The loss-function protocol of `train_step` and `evaluate`: `loss_fn(model, batch)` returns
+
+    (loss_sum, normaliser)            or  (loss_sum, normaliser, aux)
+
+loss_sum: a differentiable float scalar, the loss *summed* over the units it counts, with any
+  auxiliary loss the stage wants already folded in; normaliser: how many units that is (a
+  tensor or number: target tokens, pairs, sequences). The step's objective is
+  sum(loss_sum) / sum(normaliser) over all micro-batches and ranks. aux (optional, MoE
+  pretraining): a load-balancing loss value that `train_step` folds in with `aux_coef`
+  (weighted by the micro-batch's normaliser) and reports separately."""
 
 
 # --------------------------------------------------------------------------------------
@@ -148,11 +159,19 @@ def _zscore(x: float, hist: Sequence[float], min_history: int) -> float | None:
 
 @dataclass(frozen=True)
 class StepResult:
-    loss: float  # mean CE per target token over the whole step (all ranks), nats
+    loss: float  # sum(loss_sum) / sum(normaliser) over the whole step (all ranks), aux excluded
     grad_norm: float  # before clipping
-    tokens: int  # target tokens in the step, all ranks
+    tokens: int  # the step's normaliser, all ranks (target tokens for LM / SFT losses)
     skipped: str | None  # why the update was skipped, or None
     aux_loss: float | None = None  # MoE load-balancing loss (mean over micro-batches)
+
+
+def _terms(out: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(loss_sum, normaliser as a float64 tensor, aux or None) of a loss function's output."""
+    loss_sum, normaliser = out[0], out[1]
+    aux = out[2] if len(out) > 2 else None
+    norm = torch.as_tensor(normaliser, device=loss_sum.device).detach().to(torch.float64)
+    return loss_sum, norm, aux
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: Sequence[Batch],
@@ -161,17 +180,16 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
                guard: SpikeGuard | None = None) -> StepResult:
     """One optimizer step over `micro_batches` (this rank's share of the global batch).
 
-    The loss that is differentiated is sum(CE) / (target tokens of the step on all ranks)
-    x world_size, because DDP and FSDP average gradients over ranks: the result is the
-    gradient of the global mean CE, however the batch is split. MoE models add
-    `aux_coef x load_balancing_loss` averaged over micro-batches.
+    Each micro-batch's `loss_sum` (see `LossFn`) is differentiated as it is; once the step's
+    normalisers are summed over micro-batches and ranks, the gradients are multiplied by
+    world_size / that total. DDP and FSDP average gradients over ranks, so the result is
+    the gradient of sum(loss_sum) / sum(normaliser) over the global batch, however it is
+    split, and a loss function need not know the other micro-batches' sizes. MoE models
+    add `aux_coef x aux x normaliser` per micro-batch: after the division that is the
+    normaliser-weighted mean of the load-balancing loss times `aux_coef`.
     """
     device = world.device
     count = torch.zeros((), dtype=torch.float64, device=device)
-    for mb in micro_batches:
-        count += (mb["labels"] != IGNORE_INDEX).sum()
-    total_tokens = parallel.all_reduce_sum(count, world)
-    denom = total_tokens.clamp(min=1).float() / world.world_size
     ce_total = torch.zeros((), dtype=torch.float32, device=device)
     aux_total = torch.zeros((), dtype=torch.float32, device=device)
     n = len(micro_batches)
@@ -179,19 +197,22 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
         with parallel.grad_sync(model, enabled=i == n - 1):
             with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
                                 enabled=autocast_dtype is not None):
-                ce, _, aux = loss_fn(model, mb)
-            loss = ce / denom
+                loss_sum, norm, aux = _terms(loss_fn(model, mb))
+            objective = loss_sum
             if aux is not None and aux_coef:
-                loss = loss + aux_coef * aux / n
+                objective = objective + aux_coef * aux * norm.float()
                 aux_total += aux.detach().float()
-            loss.backward()
-        ce_total += ce.detach().float()
-    stats = torch.stack([ce_total, aux_total])
+            objective.backward()
+        ce_total += loss_sum.detach().float()
+        count += norm
+    stats = torch.stack([ce_total.double(), aux_total.double(), count])
     parallel.all_reduce_sum(stats, world)
-    mean_loss = float(stats[0] / total_tokens.clamp(min=1))
+    total = stats[2]
+    mean_loss = float(stats[0] / total.clamp(min=1))
     aux_mean = float(stats[1]) / (n * world.world_size) if aux_coef else None
 
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    scale_grads(params, world.world_size / float(total.clamp(min=1)))
     norm = float(parallel.grad_norm(params))
     reason = guard.check(mean_loss, norm) if guard is not None else (
         None if math.isfinite(mean_loss) and math.isfinite(norm) else "non-finite loss or gradient")
@@ -201,13 +222,23 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
         set_lr(optimizer, lr)
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(mean_loss, norm, int(total_tokens), reason, aux_mean)
+    return StepResult(mean_loss, norm, int(round(float(total))), reason, aux_mean)
+
+
+@torch.no_grad()
+def scale_grads(params: Sequence[nn.Parameter], factor: float) -> None:
+    """Multiply every gradient by `factor` in place (plain or sharded tensors)."""
+    if factor == 1.0:
+        return
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(factor)
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches, loss_fn: LossFn, world: World,
              autocast_dtype: torch.dtype | None = None, stop: StopFlag | None = None) -> dict[str, float]:
-    """Summed CE and target count over `batches` (all ranks) -> mean loss per token."""
+    """Summed loss and normaliser over `batches` (all ranks) -> their ratio, e.g. loss per token."""
     was_training = model.training
     model.eval()
     ce_total = torch.zeros((), dtype=torch.float64, device=world.device)
@@ -217,7 +248,7 @@ def evaluate(model: nn.Module, batches, loss_fn: LossFn, world: World,
             break  # a preemption signal must not wait for a long evaluation
         with torch.autocast(world.device.type, dtype=autocast_dtype or torch.float32,
                             enabled=autocast_dtype is not None):
-            ce, n, _ = loss_fn(model, mb)
+            ce, n, _ = _terms(loss_fn(model, mb))
         ce_total += ce.double()
         count += n
     stats = parallel.all_reduce_sum(torch.stack([ce_total, count]), world)

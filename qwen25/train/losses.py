@@ -9,7 +9,8 @@ Conventions: `labels[b, t]` is the token that should follow `input_ids[b, t]` (a
 shifted), `IGNORE_INDEX` (-100, the PyTorch/HF value) marks positions without a target.
 
 Post-training losses (DPO, Bradley-Terry, GRPO, KL estimators) join this file as they are
-built; `token_logprobs` is the piece they share with pretraining.
+built; `token_logprobs` (from `qwen25.model.logprobs`, the one log-prob function that the
+engine and evaluation use too) is the piece they share with pretraining.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+from qwen25.model.logprobs import IGNORE_INDEX, token_logprobs  # noqa: F401  (re-exported)
 
 
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, chunk_size: int | None = None,
@@ -69,14 +70,6 @@ def _ce_sum_compiled():
     # Built on first use: importing the module must not start the compiler. Shapes are
     # static per stage (sequence length x micro-batch), so each stage compiles once.
     return torch.compile(_ce_sum, dynamic=False)
-
-
-def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log p(labels[b, t] | prefix) [B, T] in float32; 0 where labels == IGNORE_INDEX."""
-    mask = labels != IGNORE_INDEX
-    safe = labels.masked_fill(~mask, 0)
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-    return logp * mask
 
 
 def bits_per_byte(loss_sum_nats: float, num_bytes: float) -> float:

@@ -6,6 +6,9 @@
        position, then step / evaluate / sample / checkpoint until the stage is done
     -> export `OUT/final` (HF folder + tokenizer), plots, summary.json
 
+The bookkeeping (run folder, resume, step loop, checkpoints, metrics, export) is the shared
+harness `qwen25.train.run.Run`; this file only says what pretraining trains on and how.
+
 Re-running the same command continues from the newest complete checkpoint: weights,
 AdamW moments, the data loaders' positions, RNG states, the spike guard and the step
 counters are all restored, so on a CPU in float32 the resumed losses equal the
@@ -22,16 +25,11 @@ at full length, 60% shorter), same tokens, so the model keeps seeing short conte
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
-import json
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from qwen25.checkpoint import load_config, load_model
 from qwen25.config import ModelConfig
@@ -42,11 +40,11 @@ from qwen25.train import parallel
 from qwen25.train.config import (PretrainConfig, accumulation, stage_micro_batch, stage_seq_len,
                                  stage_steps, validate)
 from qwen25.train.data import LoaderFactory, open_loader, split_length_mix, to_device
-from qwen25.train.loop import (SpikeGuard, StopFlag, Throughput, evaluate, flops_per_token, lm_loss,
-                               measure_matmul_flops, train_step)
+from qwen25.train.loop import (SpikeGuard, Throughput, evaluate, flops_per_token, lm_loss,
+                               measure_matmul_flops)
 from qwen25.train.losses import bits_per_byte
-from qwen25.train.metrics import MetricsLog, plot_metrics
 from qwen25.train.optim import build_optimizer, lr_multiplier
+from qwen25.train.run import Run, RunSettings, config_dict
 from qwen25.train.samples import generate_samples
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
@@ -163,24 +161,15 @@ def _pretrain(cfg: PretrainConfig, world: parallel.World, loader_factory: Loader
         torch.set_num_threads(cfg.threads)
     tokenizer = _load_tokenizer(cfg.tokenizer)
     base = base_model_config(cfg, tokenizer)
-    out = Path(cfg.out)
-    ckpt_root = out / "checkpoints"
-    resume = ckpt_io.latest_checkpoint(ckpt_root)
-    if resume is not None:
-        _check_resume(resume, stage_model_config(cfg, base, resume.state["stage"]), cfg, world.world_size)
-    if world.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        ckpt_io.remove_stale_temporaries(ckpt_root)
-        (out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
-    parallel.barrier(world)
+    run = Run(cfg.out, world, config=config_to_dict(cfg), total_steps=sum(stage_steps(cfg, s) for s in cfg.stages),
+              settings=RunSettings.of(cfg), check_resume=lambda ck: _check_resume(
+                  ck, stage_model_config(cfg, base, ck.state["stage"]), cfg, world.world_size))
 
     # ---- model, parallelism, optimizer -------------------------------------------------
-    state = resume.state if resume else {"step": 0, "stage": 0, "stage_step": 0, "tokens": 0,
-                                         "elapsed_s": 0.0}
-    stage_idx = state["stage"]
-    mcfg = stage_model_config(cfg, base, stage_idx)
-    if resume is not None:
-        model = load_model(resume.path, dtype=torch.float32)
+    state = run.state or {"stage": 0, "stage_step": 0}
+    mcfg = stage_model_config(cfg, base, state["stage"])
+    if run.resume is not None:
+        model = load_model(run.resume.path, dtype=torch.float32)
     elif cfg.init_from:
         model = load_model(cfg.init_from, dtype=torch.float32)
         _check_same_shape(model.config, mcfg, cfg.init_from)
@@ -193,129 +182,64 @@ def _pretrain(cfg: PretrainConfig, world: parallel.World, loader_factory: Loader
     model = parallel.parallelize(model, world, mode=cfg.parallel, compile=cfg.compile,
                                  activation_checkpointing=cfg.activation_checkpointing)
     optimizer = build_optimizer(inner, cfg.lr, (cfg.beta1, cfg.beta2), cfg.eps, cfg.weight_decay)
-    guard = SpikeGuard(z=cfg.spike_z)
-    if resume is not None:
-        parallel.load_full_optimizer_state(model, optimizer, ckpt_io.load_optimizer_state(resume))
-        ckpt_io.set_rng_state(ckpt_io.load_rng_state(resume, world.rank), world.device)
-        guard.load_state_dict(state["guard"])
+    extra = [Path(cfg.tokenizer) / f for f in TOKENIZER_FILES] if cfg.tokenizer else []
+    run.attach(model, inner, optimizer, SpikeGuard(z=cfg.spike_z), extra_files=extra)
 
     autocast = torch.bfloat16 if cfg.precision == "bf16" else None
-    log = MetricsLog(out / "metrics.jsonl", enabled=world.is_main)
-    log.truncate_after(state["step"])
-    total_steps = sum(stage_steps(cfg, s) for s in cfg.stages)
-    step, tokens = state["step"], state["tokens"]
     peak = cfg.peak_flops or measure_matmul_flops(world.device, autocast or torch.float32)
-    extra = [Path(cfg.tokenizer) / f for f in TOKENIZER_FILES] if cfg.tokenizer else []
-    extra = [f for f in extra if f.exists()]
     loss_fn = lambda m, b: lm_loss(m, b, inner.config, cfg.ce_chunk or None, compiled=cfg.compile)  # noqa: E731
-    elapsed0, t_start = state.get("elapsed_s", 0.0), time.perf_counter()
-    summary: dict[str, Any] = {"interrupted": None, "resumed_from": resume.step if resume else None}
+    lr_at = lambda step: cfg.lr * lr_multiplier(  # noqa: E731
+        cfg.schedule, step, run.total_steps, cfg.warmup_steps, min_ratio=cfg.min_lr_ratio, decay_frac=cfg.decay_frac)
+    where = {"stage": state["stage"], "T": 0, "mb": 0}  # the stage in progress, for checkpoints and evaluations
 
-    def save() -> Path:
-        loader_states = _gather(loader.state_dict(), world)
-        rngs = _gather_rng(world)
-        trainer_state = {
-            "stage": stage_idx, "stage_step": stage_step, "tokens": tokens,
-            "stage_seq_len": stage_seq_len(cfg, stage), "world_size": world.world_size,
-            "data": loader_states, "guard": guard.state_dict(),
-            "elapsed_s": elapsed0 + time.perf_counter() - t_start, "config": config_to_dict(cfg)}
-        model_state = parallel.full_model_state(model)
-        optim_state = parallel.full_optimizer_state(model, optimizer)
-        path = ckpt_root / ckpt_io.step_dir_name(step)
-        if world.is_main:
-            path = ckpt_io.save_checkpoint(
-                ckpt_root, step, model_state=model_state, model_config=inner.config,
-                optimizer_state=optim_state, trainer_state=trainer_state, rng_states=rngs,
-                keep=cfg.keep_checkpoints, extra_files=extra)
-        parallel.barrier(world)
-        return path
+    def evaluate(final: bool) -> dict:
+        return _evaluate_all(cfg, model, loss_fn, world, loader_factory, where["T"], where["mb"], autocast,
+                             run, None if final else run.log, run.step, run.tokens)
 
-    bar = tqdm(total=total_steps, initial=step, disable=not world.is_main or None, dynamic_ncols=True,
-               unit="step", file=sys.stderr)
-    plain = world.is_main and bar.disable  # not a terminal: print a line every log_every steps
-    last_path = resume.path if resume else None
-    with StopFlag() as stop:
+    def sample(final: bool) -> list[dict[str, str]] | None:
+        if tokenizer is None:
+            return None
+        return _log_samples(cfg, inner, tokenizer, run.log, run.step, None if final else run)
+
+    with run:
         for stage_idx in range(state["stage"], len(cfg.stages)):
             stage = cfg.stages[stage_idx]
-            resuming_here = resume is not None and stage_idx == state["stage"]
+            resuming_here = run.resume is not None and stage_idx == state["stage"]
             stage_step = state["stage_step"] if resuming_here else 0
             inner.config = stage_model_config(cfg, base, stage_idx)
             inner.set_rope(inner.config)  # ABF: the new base from this stage's first step on
             if stage_step == 0:
-                guard.new_stage()
+                run.guard.new_stage()
                 if stage.reset_optimizer and stage_idx > 0:
                     optimizer.state.clear()
             T, mb = stage_seq_len(cfg, stage), stage_micro_batch(cfg, stage)
             accum, n_steps = accumulation(cfg, stage, world.world_size), stage_steps(cfg, stage)
+            where.update(stage=stage_idx, T=T, mb=mb)
             loader = loader_factory(cfg.data, split="train", seq_len=T, batch_size=mb, world=world,
                                     seed=cfg.seed + stage_idx, shuffle=True, mix=stage.mix,
                                     reset_position_ids=cfg.reset_position_ids)
             if resuming_here:
                 loader.load_state_dict(state["data"][world.rank])
             batches = iter(loader)
-            meter = Throughput(flops_per_token(inner.config, T), peak)
-            if world.is_main and stage_step == 0:
-                bar.write(f"stage {stage.name}: {n_steps} steps of {cfg.batch_tokens} tokens, seq_len {T}, "
+            run.checkpoint_state(lambda stage_idx=stage_idx, T=T: {
+                "stage": stage_idx, "stage_step": run.stage_step, "stage_seq_len": T}, data=loader.state_dict)
+            if stage_step == 0:
+                run.write(f"stage {stage.name}: {n_steps} steps of {cfg.batch_tokens} tokens, seq_len {T}, "
                           f"rope_theta {inner.config.rope_theta:g}, {accum} micro-batch(es) of {mb} per rank")
-            while stage_step < n_steps:
-                if stop.agreed(world):
-                    summary["interrupted"] = stop.requested or "signal on another rank"
-                    break
-                if cfg.stop_after_step and step >= cfg.stop_after_step:
-                    summary["paused"] = step
-                    break
+
+            def next_batch(batches=batches, stage=stage, T=T) -> list:
                 micro = [to_device(next(batches), world.device) for _ in range(accum)]
-                micro = split_length_mix(micro, stage.short_fraction, stage.short_seq_len or T // 4)
-                lr = cfg.lr * lr_multiplier(cfg.schedule, step, total_steps, cfg.warmup_steps,
-                                            min_ratio=cfg.min_lr_ratio, decay_frac=cfg.decay_frac)
-                res = train_step(model, optimizer, micro, loss_fn, lr=lr, world=world,
-                                 grad_clip=cfg.grad_clip, aux_coef=inner.config.router_aux_loss_coef
-                                 if inner.config.is_moe else 0.0, autocast_dtype=autocast, guard=guard)
-                step, stage_step, tokens = step + 1, stage_step + 1, tokens + res.tokens
-                meter.update(res.tokens)
-                log.log({"kind": "train", "step": step, "stage": stage.name, "loss": res.loss, "lr": lr,
-                         "tokens": tokens, "grad_norm": res.grad_norm, "tokens_per_s": meter.tokens_per_s,
-                         "mfu": meter.mfu, "skipped": res.skipped, "aux_loss": res.aux_loss})
-                if res.skipped and world.is_main:
-                    bar.write(f"step {step}: update skipped: {res.skipped}")
-                bar.update(1)
-                bar.set_postfix(loss=f"{res.loss:.3f}", tok_s=f"{meter.tokens_per_s:.0f}",
-                                mfu=f"{(meter.mfu or 0) * 100:.1f}%", stage=stage.name)
-                if plain and step % cfg.log_every == 0:
-                    print(f"step {step}/{total_steps} [{stage.name}] loss {res.loss:.4f} lr {lr:.2e} "
-                          f"{meter.tokens_per_s:.0f} tok/s mfu {(meter.mfu or 0) * 100:.1f}% "
-                          f"eta {meter.eta_s(n_steps - stage_step) / 60:.1f} min", flush=True)
-                end = stage_step == n_steps
-                if end or (cfg.eval_every and step % cfg.eval_every == 0):
-                    summary["eval"] = _evaluate_all(cfg, model, loss_fn, world, loader_factory, T,
-                                                    mb, autocast, stop, log, step, tokens, bar)
-                if tokenizer is not None and cfg.sample_every and step % cfg.sample_every == 0:
-                    _log_samples(cfg, inner, tokenizer, log, step, bar)
-                if end or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
-                    last_path = save()
-                meter.reset_clock()
-            if summary["interrupted"] or "paused" in summary:
+                return split_length_mix(micro, stage.short_fraction, stage.short_seq_len or T // 4)
+
+            done = run.train(n_steps, start=stage_step, next_batch=next_batch, loss_fn=loss_fn, lr_at=lr_at,
+                             grad_clip=cfg.grad_clip, autocast=autocast, label=stage.name,
+                             aux_coef=inner.config.router_aux_loss_coef if inner.config.is_moe else 0.0,
+                             meter=Throughput(flops_per_token(inner.config, T), peak),
+                             evaluate=evaluate, sample=sample)
+            if not done:
                 break
-        bar.close()
-        if summary["interrupted"] or "paused" in summary:
-            last_path = save()  # a no-op when this step was just saved
-            if world.is_main and summary["interrupted"]:
-                print(f"{summary['interrupted']}: saved {last_path}; run the same command to resume",
-                      file=sys.stderr)
-        elif last_path is not None:
-            if "eval" not in summary:  # a finished run re-run: report its final numbers again
-                summary["eval"] = _evaluate_all(cfg, model, loss_fn, world, loader_factory, T, mb,
-                                                autocast, stop, None, step, tokens, bar)
-            if world.is_main:
-                summary["final"] = str(ckpt_io.export_model(last_path, out / "final"))
-            if tokenizer is not None:  # every rank: under FSDP the forward is collective
-                summary["samples"] = _log_samples(cfg, inner, tokenizer, log, step, None)
-    if world.is_main:
-        plot_metrics(out / "metrics.jsonl", out / "plots")
-        summary |= {"step": step, "tokens": tokens, "elapsed_s": elapsed0 + time.perf_counter() - t_start,
-                    "parameters": _count(inner), "model_config": inner.config.to_hf()}
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    return summary
+    return run.finish(evaluate=evaluate, sample=sample if tokenizer is not None else None,
+                      extra=lambda: {"parameters": _count(inner), "model_config": inner.config.to_hf()})
 
 
 # --------------------------------------------------------------------------------------
@@ -323,8 +247,8 @@ def _pretrain(cfg: PretrainConfig, world: parallel.World, loader_factory: Loader
 # --------------------------------------------------------------------------------------
 
 
-def _evaluate_all(cfg, model, loss_fn, world, loader_factory, T, mb, autocast, stop, log, step,
-                  tokens, bar) -> dict[str, dict[str, float]]:
+def _evaluate_all(cfg, model, loss_fn, world, loader_factory, T, mb, autocast, run: Run, log, step,
+                  tokens) -> dict[str, dict[str, float]]:
     """Held-out loss and bits per byte on each eval set (the same batches every time)."""
     results = {}
     for name in cfg.eval_sets:
@@ -336,10 +260,10 @@ def _evaluate_all(cfg, model, loss_fn, world, loader_factory, T, mb, autocast, s
                                     epochs=1, reset_position_ids=cfg.reset_position_ids)
             limit = max(1, cfg.eval_tokens // (T * batch_size * world.world_size)) if cfg.eval_tokens else None
             batches = (to_device(b, world.device) for b in itertools.islice(loader, limit))
-            r = evaluate(model, batches, loss_fn, world, autocast, stop)
-            if r["tokens"] or stop.requested:
+            r = evaluate(model, batches, loss_fn, world, autocast, run.stop_flag)
+            if r["tokens"] or run.stop_requested:
                 break
-        if stop.requested:  # cut short by a signal: a partial evaluation is not a result
+        if run.stop_requested:  # cut short by a signal: a partial evaluation is not a result
             break
         bpt = getattr(loader, "bytes_per_token", None)
         r["bpb"] = bits_per_byte(r["loss_sum"], r["tokens"] * bpt) if bpt and r["tokens"] else None
@@ -347,13 +271,12 @@ def _evaluate_all(cfg, model, loss_fn, world, loader_factory, T, mb, autocast, s
         if log is not None:
             log.log({"kind": "eval", "step": step, "tokens": tokens, "split": name, "loss": r["loss"],
                      "bpb": r["bpb"]})
-        if world.is_main:
-            bpb = f", {r['bpb']:.3f} bits/byte" if r["bpb"] else ""
-            bar.write(f"step {step}: held-out {name}: loss {r['loss']:.4f}{bpb}")
+        bpb = f", {r['bpb']:.3f} bits/byte" if r["bpb"] else ""
+        run.write(f"step {step}: held-out {name}: loss {r['loss']:.4f}{bpb}")
     return results
 
 
-def _log_samples(cfg, model, tokenizer, log, step, bar) -> list[dict[str, str]]:
+def _log_samples(cfg, model, tokenizer, log, step, run: Run | None) -> list[dict[str, str]]:
     prompts = [tokenizer.encode(p) for p in cfg.sample_prompts]
     outs = generate_samples(model, prompts, cfg.sample_tokens, cfg.sample_temperature, seed=cfg.seed,
                             stop_ids=(tokenizer.eos_token_id,))
@@ -362,25 +285,9 @@ def _log_samples(cfg, model, tokenizer, log, step, bar) -> list[dict[str, str]]:
         completion = tokenizer.decode(ids)
         samples.append({"prompt": text, "completion": completion})
         log.log({"kind": "sample", "step": step, "prompt": text, "text": completion})
-        if bar is not None:
-            bar.write(f"step {step} sample: {text!r} -> {completion!r}")
+        if run is not None:
+            run.write(f"step {step} sample: {text!r} -> {completion!r}")
     return samples
-
-
-def _gather(obj, world: parallel.World) -> list:
-    """Every rank's JSON-able object, in rank order (all ranks receive the list)."""
-    if not world.distributed:
-        return [obj]
-    import torch.distributed as dist
-
-    out = [None] * world.world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _gather_rng(world: parallel.World) -> list[dict[str, torch.Tensor]]:
-    mine = {k: v.tolist() for k, v in ckpt_io.rng_state(world.device).items()}
-    return [{k: torch.tensor(v, dtype=torch.uint8) for k, v in d.items()} for d in _gather(mine, world)]
 
 
 def _load_tokenizer(path: str | None):
@@ -401,7 +308,7 @@ def _count(model: Transformer) -> dict[str, int]:
 
 def config_to_dict(cfg: PretrainConfig) -> dict[str, Any]:
     """JSON form of a config (tuples become lists; `config_from_dict` reverses it)."""
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+    return config_dict(cfg)
 
 
 def total_tokens(cfg: PretrainConfig) -> int:

@@ -23,9 +23,10 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 import threading
 from pathlib import Path
+
+from qwen25.files import atomic_path
 
 SOURCE = Path(__file__).with_name("decode.cpp")
 HEADERS = ("kernels.h", "pool.h")  # included by decode.cpp
@@ -66,16 +67,10 @@ def build() -> Path:
     if lib.exists():
         return lib
     out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=out_dir)
-    os.close(fd)
-    try:
-        proc = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+    with atomic_path(lib) as tmp:  # a concurrent build never sees a half-written library
+        proc = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{cxx} failed to build {SOURCE.name}: {proc.stderr.strip()[-2000:]}")
-        os.replace(tmp, lib)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return lib
 
 

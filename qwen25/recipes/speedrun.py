@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import statistics
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from qwen25.errors import UserError
+from qwen25.files import atomic_write
 from qwen25.train.config import PretrainConfig, Stage
 
 
@@ -151,9 +151,7 @@ class Timings:
 
     def add(self, name: str, seconds: float) -> None:
         self.seconds[name] = self.seconds.get(name, 0.0) + seconds
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(json.dumps(self.seconds, indent=1))
-        os.replace(tmp, self.path)
+        atomic_write(self.path, json.dumps(self.seconds, indent=1))
 
 
 def tokenizer_files(cache: Path, limit_chars: int, work: Path) -> list[str]:
@@ -277,9 +275,7 @@ def apply_plan(cfg: PretrainConfig, p: dict[str, Any]) -> PretrainConfig:
 
 
 def _save_plan(path: Path, p: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(p, indent=1))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(p, indent=1))
 
 
 def measured_rate(metrics_path: Path, first: int = 10) -> float | None:

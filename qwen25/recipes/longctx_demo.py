@@ -24,7 +24,6 @@ trained model (an HF folder with its tokenizer, usable with `qwen25 eval passkey
 from __future__ import annotations
 
 import json
-import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -33,6 +32,7 @@ from pathlib import Path
 import torch
 
 from qwen25.errors import UserError
+from qwen25.files import atomic_write
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ def _training_row(tokenizer, pool, L: int, rng: random.Random, eos: int) -> tupl
 def weighted_lm_loss(model, batch) -> tuple[torch.Tensor, torch.Tensor, None]:
     """Summed next-token loss with per-position weights (`batch["weights"]` [B, T]), in the
     `train_step` loss-function protocol: (sum, count, no aux loss)."""
-    from qwen25.train.losses import token_logprobs
+    from qwen25.model.logprobs import token_logprobs
 
     logp = token_logprobs(model(batch["input_ids"]), batch["labels"])  # [B, T] float32
     return -(logp * batch["weights"]).sum(), torch.tensor(logp.numel()), None
@@ -295,7 +295,5 @@ def _plots(results: dict, out: Path, L: int) -> None:
 
 
 def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, text)
 
