@@ -20,6 +20,7 @@ LAYERS = [  # (module prefix, layer); the longest matching prefix wins
     ("qwen25.chat", 2), ("qwen25.checkpoint", 2), ("qwen25.quant", 2),
     ("qwen25.data", 3), ("qwen25.engine", 3), ("qwen25.eval.tasks", 3),
     ("qwen25.assistant", 4),
+    ("qwen25.eval.sandbox", 3),  # a leaf (stdlib only) that the code tasks' scorers call
     ("qwen25.train", 4), ("qwen25.eval", 4), ("qwen25.serve", 4),
     ("qwen25.recipes", 5),
     ("qwen25.cli", 6), ("qwen25.__main__", 6), ("qwen25", 0),

@@ -24,7 +24,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "tokenizer": ("tokenizer", "encode, decode, train or export a byte-level BPE tokenizer"),
     "data": ("data", "pretraining data: fetch built-in corpora, prepare shards, stats"),
     "pretrain": ("pretrain", "pretrain a model on token shards (stages, resume, torchrun)"),
-    "eval": ("eval", "long-context evaluation: passkey, needle, loss by position, the YaRN/DCA demo"),
+    "eval": ("eval", "benchmarks and report cards (run, compare); long-context probes (passkey, needle, ppl)"),
     "speedrun": ("speedrun", "the whole recipe on built-in data: tokenizer, shards, pretraining, report"),
     "serve": ("serve", "OpenAI-compatible HTTP server with continuous batching"),
 }

@@ -43,6 +43,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     s = sub.add_parser("longctx-demo", help="train a small model at length L, probe it at L, 2L, 4L "
                                             "with plain RoPE, YaRN, DCA and YaRN + DCA")
     add_config_arguments(s, DemoConfig)
+    from qwen25.cli import eval_run  # benchmarks: `qwen25 eval run | compare`
+
+    eval_run.add_commands(sub)
 
 
 def _load(args: argparse.Namespace):
@@ -57,6 +60,10 @@ def _load(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.command in ("run", "compare"):
+        from qwen25.cli import eval_run
+
+        return eval_run.run(args)
     if args.command == "longctx-demo":
         from qwen25.recipes.longctx_demo import DemoConfig, run_demo
 

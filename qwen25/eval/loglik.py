@@ -1,0 +1,145 @@
+"""Log-likelihoods of (context, continuation) pairs, each distinct context computed once.
+
+Multiple-choice evaluation asks for log p(continuation | context) of every choice; the
+choices of one question share the context (a 5-shot prompt of hundreds of tokens versus a
+choice of a few). lm-eval's `hf` backend recomputes the context for every choice; here a
+batch of distinct contexts is prefilled once into a KV cache, each context's cache rows are
+copied to its choices, and all continuations of the batch then run in one forward:
+
+    contexts [B, Lmax] (right-padded)  --prefill-->  cache rows, last hidden state per context
+    continuations [R, Tmax] (R = choices in the batch, right-padded) on copies of those rows
+
+log p(cont[0]) comes from the context's last position, log p(cont[t]) from the position of
+cont[t-1]. Log-softmax runs in float32 whatever the model dtype. Results equal a full
+forward over context + continuation to float32 rounding (the parity test checks 1e-4
+against lm-eval's `hf` backend).
+
+Tokenisation follows lm-eval's causal-LM rule (`encode_pair`): trailing spaces of the
+context move to the continuation, and the continuation's tokens are those of the whole
+string after the context's tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from qwen25.errors import UserError
+from qwen25.model.kv_cache import KVCache
+
+
+def encode_pair(encode: Callable[[str], list[int]], context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) as lm-eval's causal backend splits them."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    if not context:
+        raise UserError("an empty context cannot be scored; give the task a prompt")
+    whole = encode(context + continuation)
+    ctx = encode(context)
+    return ctx, whole[len(ctx):]
+
+
+@dataclass(frozen=True)
+class LogLik:
+    logprob: float  # sum of log p over the continuation's tokens, nats
+    greedy: bool  # every continuation token is the argmax at its step
+    tokens: int  # continuation tokens scored
+
+
+def _batches(groups: list[tuple[tuple[int, ...], list[int]]], conts: list[list[int]],
+             token_budget: int, max_rows: int):
+    """Consecutive groups whose prefill + continuation tokens stay within the budget."""
+    batch, used, rows = [], 0, 0
+    for g in groups:
+        ctx, members = g
+        t = max(len(conts[i]) for i in members)
+        cost = len(ctx) + len(members) * (len(ctx) + t)
+        if batch and (used + cost > token_budget or rows + len(members) > max_rows):
+            yield batch
+            batch, used, rows = [], 0, 0
+        batch.append(g)
+        used += cost
+        rows += len(members)
+    if batch:
+        yield batch
+
+
+@torch.inference_mode()
+def loglikelihoods(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], token_budget: int = 8192,
+                   max_rows: int = 64, progress=None) -> list[LogLik]:
+    """log p(continuation | context) for each (context ids, continuation ids) request.
+
+    Contexts longer than the model's context window lose their oldest tokens (as lm-eval
+    truncates from the left). `progress(n)` is called with the number of requests done.
+    """
+    limit = model.config.max_position_embeddings
+    reqs = []
+    for ctx, cont in requests:
+        if not cont:
+            raise UserError("a continuation has no tokens; check the task's choices")
+        if len(cont) >= limit:
+            raise UserError(f"a continuation of {len(cont)} tokens does not fit the model's context of {limit}")
+        ctx = list(ctx)[-(limit - len(cont)):]
+        if not ctx:
+            raise UserError("a context has no tokens")
+        reqs.append((tuple(ctx), list(cont)))
+    by_ctx: dict[tuple[int, ...], list[int]] = {}
+    for i, (ctx, _) in enumerate(reqs):
+        by_ctx.setdefault(ctx, []).append(i)
+    groups = sorted(by_ctx.items(), key=lambda g: -len(g[0]))  # similar lengths batch together
+    conts = [c for _, c in reqs]
+    out: list[LogLik | None] = [None] * len(reqs)
+    for batch in _batches(groups, conts, token_budget, max_rows):
+        for i, ll in _score_batch(model, batch, conts):
+            out[i] = ll
+        if progress is not None:
+            progress(sum(len(m) for _, m in batch))
+    return out  # type: ignore[return-value]
+
+
+def _score_batch(model, batch, conts):
+    device = model.device
+    B = len(batch)
+    lens = [len(ctx) for ctx, _ in batch]
+    members = [i for _, m in batch for i in m]
+    row_ctx = [b for b, (_, m) in enumerate(batch) for _ in m]
+    tmax = max(len(conts[i]) for i in members)
+    L = max(lens)
+    ids = torch.zeros(B, L, dtype=torch.long)
+    for b, (ctx, _) in enumerate(batch):
+        ids[b, :len(ctx)] = torch.tensor(ctx)
+    cache = KVCache(model.config, B, L + tmax, model.dtype, device)
+    h, _ = model.hidden_states(ids.to(device), kv_cache=cache)  # right padding: causal is enough
+    last = h[torch.arange(B), torch.tensor(lens) - 1]  # [B, hidden]
+    # Copy each context's rows to its choices; every row continues after its real length.
+    sel = torch.tensor(row_ctx, device=device)
+    rows = KVCache(model.config, len(members), L + tmax, model.dtype, device)
+    for layer in range(len(cache.k)):
+        rows.k[layer].copy_(cache.k[layer].index_select(0, sel))
+        rows.v[layer].copy_(cache.v[layer].index_select(0, sel))
+    rows.lengths.copy_(torch.tensor([lens[b] for b in row_ctx], device=device))
+    cont_ids = torch.zeros(len(members), tmax, dtype=torch.long)
+    for r, i in enumerate(members):
+        cont_ids[r, :len(conts[i])] = torch.tensor(conts[i])
+    h2, _ = model.hidden_states(cont_ids.to(device), kv_cache=rows)  # [R, tmax, hidden]
+    # Hidden states that predict each continuation token, flattened over rows.
+    preds, targets, spans = [], [], []
+    at = 0
+    for r, i in enumerate(members):
+        n = len(conts[i])
+        preds.append(torch.cat([last[row_ctx[r]][None], h2[r, :n - 1]]))
+        targets.append(cont_ids[r, :n])
+        spans.append((at, at + n))
+        at += n
+    logp = F.log_softmax(model.lm_head(torch.cat(preds)).float(), dim=-1)
+    tgt = torch.cat(targets).to(device)
+    tok_lp = logp.gather(-1, tgt[:, None]).squeeze(-1).cpu()
+    greedy = (logp.argmax(-1) == tgt).cpu()
+    for r, i in enumerate(members):
+        a, b = spans[r]
+        yield i, LogLik(float(tok_lp[a:b].double().sum()), bool(greedy[a:b].all()), b - a)

