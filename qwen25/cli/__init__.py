@@ -24,6 +24,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "tokenizer": ("tokenizer", "encode, decode, train or export a byte-level BPE tokenizer"),
     "data": ("data", "pretraining data: fetch built-in corpora, prepare shards, stats"),
     "pretrain": ("pretrain", "pretrain a model on token shards (stages, resume, torchrun)"),
+    "grpo": ("grpo", "online RL with GRPO: engine rollouts, verifier / reward-model rewards, variance-ordered queries"),
     "eval": ("eval", "benchmarks and report cards (run, compare); long-context probes (passkey, needle, ppl)"),
     "speedrun": ("speedrun", "the whole recipe on built-in data: tokenizer, shards, pretraining, report"),
     "serve": ("serve", "OpenAI-compatible HTTP server with continuous batching"),
