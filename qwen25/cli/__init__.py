@@ -25,6 +25,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "data": ("data", "pretraining data: fetch built-in corpora, prepare shards, stats"),
     "pretrain": ("pretrain", "pretrain a model on token shards (stages, resume, torchrun)"),
     "sft": ("sft", "supervised fine-tuning on chat data, full or LoRA (packing, resume, torchrun)"),
+    "grpo": ("grpo", "online RL with GRPO: engine rollouts, verifier / reward-model rewards, variance-ordered queries"),
     "eval": ("eval", "benchmarks and report cards (run, compare); long-context probes (passkey, needle, ppl)"),
     "sweep": ("sweep", "hyper-parameter sweep of short runs: fit LR, batch and loss scaling laws"),
     "moe-study": ("moe_study", "dense vs MoE at matched active and total parameters: loss vs FLOPs and time"),

@@ -96,6 +96,11 @@ class Submission:
         """log p of each of `tokens(i)` under the raw model distribution."""
         return self.request.outputs[i].logprobs[:self._seen[i]]
 
+    def sampled_logprobs(self, i: int) -> list[float]:
+        """log p of each of `tokens(i)` under the distribution it was sampled from
+        (temperature, penalties and filters applied): what an RL trainer's ratio divides by."""
+        return self.request.outputs[i].sampled_logprobs[:self._seen[i]]
+
     def text(self, i: int) -> str:
         """Sample i's text (stop strings and stop tokens excluded); "" without a tokenizer."""
         return self._streams[i].text if self._streams is not None else ""

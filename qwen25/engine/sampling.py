@@ -238,6 +238,23 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
     return sample(ids, probs, generator)
 
 
+def sampled_logprob(logits: torch.Tensor, token: int, params: SamplingParams, seen: torch.Tensor | None = None,
+                    counts: torch.Tensor | None = None) -> float:
+    """log p(token) under the distribution `sample_row` drew it from (same arguments, before
+    the token is recorded in seen/counts): penalties, temperature, then the top-k / top-p /
+    min-p set renormalised. 0.0 for greedy decoding (the argmax has probability 1). This is
+    the log-probability an RL trainer needs as the rollout policy's (GRPO's π_old); the raw
+    model log-probs an API reports are `token_logprobs` at temperature 1."""
+    if params.greedy:
+        return 0.0
+    logits = penalize(logits, params, seen, counts) / params.temperature
+    if params.top_k == 0 and params.top_p >= 1.0 and params.min_p == 0.0:
+        return float(logits[token] - torch.logsumexp(logits, dim=-1))
+    ids, probs = candidates(logits, params.top_k, params.top_p, params.min_p)
+    hit = (ids == token).nonzero()
+    return float(probs[hit[0, 0]].log()) if hit.numel() else float("-inf")
+
+
 def penalize(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None,
              counts: torch.Tensor | None) -> torch.Tensor:
     if params.repetition_penalty != 1.0 and seen is not None:

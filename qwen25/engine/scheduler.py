@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from qwen25.engine.runner import Logits, ModelRunner
-from qwen25.engine.sampling import SamplingParams, sample_row
+from qwen25.engine.sampling import SamplingParams, sample_row, sampled_logprob
 from qwen25.errors import UserError
 from qwen25.model.logprobs import logsumexp_fp32, token_logprobs, top_logprobs
 
@@ -52,6 +52,9 @@ class Completion:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    # log p(tokens[t]) under the distribution it was sampled from (penalties, temperature and
+    # filters applied; 0.0 when greedy): the rollout policy's log-probs for RL (GRPO).
+    sampled_logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length" | "cancelled"; None while running
 
 
@@ -263,6 +266,12 @@ class Scheduler:
             p, out = seq.request.params, seq.out
             out.tokens.append(token)
             out.logprobs.append(chosen[i])
+            plain_t1 = p.temperature == 1.0 and seq.seen is None and seq.counts is None and \
+                p.top_k == 0 and p.top_p >= 1.0 and p.min_p == 0.0
+            # Sampled at temperature 1 from the whole vocabulary, the sampled distribution is
+            # the raw one; otherwise one more log-softmax of this row (before seen/counts change).
+            out.sampled_logprobs.append(chosen[i] if plain_t1 else
+                                        sampled_logprob(logits[i], token, p, seq.seen, seq.counts))
             alts = None
             if p.logprobs:
                 alts = list(zip(tops[1][i][:p.logprobs], tops[0][i][:p.logprobs]))

@@ -1,0 +1,62 @@
+"""Built-in query sets for RL, from training splits only, as evaluation-task examples.
+
+GRPO's rewards are the evaluation scorers, so a query is a `GenExample` (chat messages and
+a target) exactly like the held-out ones it will be measured on, drawn from data that is
+never evaluated:
+
+- "synth_math": the built-in synthetic word problems' *training* families
+  (`qwen25.data.mathgen`, split "train"; the held-out split `synth_math` is evaluated on
+  uses other families), zero-shot, asking for "The answer is N.";
+- "arithmetic": seeded two- and three-digit sums, differences and products, asked the same
+  way (a task a small instruct model half-solves, so rewards vary within a group).
+
+Both are pure functions of (name, index): rollouts are reproducible across resumes.
+"""
+
+from __future__ import annotations
+
+import random
+
+from qwen25.errors import UserError
+from qwen25.eval.tasks.base import GenExample
+from qwen25.eval.tasks.math import COT_INSTRUCTION
+
+
+def _chat(question: str) -> tuple[dict, ...]:
+    return ({"role": "user", "content": f"{COT_INSTRUCTION}\n\n{question}"},)
+
+
+def _synth_math(i: int) -> GenExample:
+    from qwen25.data import mathgen
+
+    p = mathgen.problem("train", i)
+    return GenExample(id=f"synth_math_train/{i}", prompt=f"Problem: {p['question']}\nSolution:",
+                      messages=_chat(p["question"]), target=p["answer"], doc=p)
+
+
+def _arithmetic(i: int) -> GenExample:
+    r = random.Random(f"arithmetic:{i}")
+    op = r.choice("+-*")
+    if op == "*":
+        a, b = r.randint(11, 99), r.randint(2, 19)
+    else:
+        a, b = r.randint(100, 999), r.randint(10, 999)
+    answer = {"+": a + b, "-": a - b, "*": a * b}[op]
+    question = f"What is {a} {op} {b}?"
+    return GenExample(id=f"arithmetic/{i}", prompt=f"Question: {question}\nAnswer:", messages=_chat(question),
+                      target=answer, doc={"a": a, "b": b, "op": op})
+
+
+QUERY_SETS = {"synth_math": _synth_math, "arithmetic": _arithmetic}
+
+
+def query(name: str, i: int) -> GenExample:
+    """Query `i` of the built-in set `name`."""
+    if name not in QUERY_SETS:
+        raise UserError(f"unknown query set {name!r}; choose from {', '.join(QUERY_SETS)}")
+    return QUERY_SETS[name](i)
+
+
+def check_query_set(name: str) -> None:
+    if name not in QUERY_SETS:
+        raise UserError(f"unknown query set {name!r}; choose from {', '.join(QUERY_SETS)}")

@@ -1,0 +1,200 @@
+"""The GRPO stage: rollout log-probs agree with the trainer's, the engine samples with the
+trained weights, exact resume, rewards that fail, bad configs. The math itself is checked
+against the formulas in test_grpo_loss.py.
+
+The model is tiny and its vocabulary small (a 400-token BPE trained here with the Qwen
+control tokens and chat template), so a GRPO step takes a fraction of a second on a CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwen25 import Engine, ModelConfig, build_model, load_model, load_tokenizer, save_model
+from qwen25.engine import SamplingParams
+from qwen25.engine.dispatch import Dispatcher
+from qwen25.errors import UserError
+from qwen25.model.logprobs import token_logprobs
+from qwen25.train import rewards as rewards_mod
+from qwen25.train.grpo import GRPOObjective, grpo, micro_batches, rollout
+from qwen25.train.grpo_config import GRPOConfig
+from qwen25.train.grpo_queries import query
+from qwen25.train.loop import train_step
+from qwen25.train.optim import build_optimizer
+from qwen25.train.parallel import init_world
+
+
+@pytest.fixture(scope="module")
+def chat_checkpoint(tmp_path_factory) -> Path:
+    """A random tiny model with a small trained chat tokenizer, saved as an HF folder."""
+    from qwen25.data import mathgen
+    from qwen25.tokenizer.train import train_tokenizer
+
+    root = tmp_path_factory.mktemp("grpo")
+    text = root / "corpus.txt"
+    text.write_text("\n".join(p["text"] for p in mathgen.problems("train", 300)) +
+                    "\nSolve the problem step by step. End your answer with \"The answer is N.\"\n")
+    tok_dir = root / "tok"
+    train_tokenizer([text], 400, tok_dir)
+    tok = load_tokenizer(tok_dir)
+    cfg = ModelConfig.preset("tiny").replace(vocab_size=tok.vocab_size, max_position_embeddings=1024,
+                                             tie_word_embeddings=False, eos_token_id=tok.token_to_id("<|im_end|>"))
+    model = build_model(cfg, init=False)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g) * 0.3
+            p.copy_(1.0 + noise if name.endswith("norm.weight") else noise)
+    ck = root / "ck"
+    save_model(model, ck)
+    for f in tok_dir.iterdir():
+        (ck / f.name).write_bytes(f.read_bytes())
+    return ck
+
+
+def _parity(prompt, completion, example):  # a reward that varies within a group
+    return float(len(completion) % 2)
+
+
+@pytest.fixture
+def parity_reward(monkeypatch):
+    monkeypatch.setitem(rewards_mod.BUILTIN, "parity", (_parity, "test reward"))
+
+
+def _cfg(ck: Path, out: Path, **kw) -> GRPOConfig:
+    base = dict(model=str(ck), out=str(out), reward="parity", group_size=4, queries_per_step=2, rollouts=2, mu=2,
+                max_new_tokens=10, micro_batch=4, eval_queries=0, lr=3e-3, checkpoint_every=1, eval_every=0,
+                max_batch_size=8)
+    return GRPOConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.0])
+def test_rollout_logprobs_equal_the_trainers(chat_checkpoint, parity_reward, temperature):
+    """π_old from the engine (the distribution it sampled from) vs the trainer's recomputed
+    log-probs at the same temperature: mean |ρ − 1| <= 1e-4 in fp32 (decode runs in the C++
+    kernels or the PyTorch model; the trainer runs the PyTorch model on the whole sequence)."""
+    cfg = _cfg(chat_checkpoint, Path("unused"), temperature=temperature, max_new_tokens=16)
+    model = load_model(chat_checkpoint, dtype=torch.float32)
+    tok = load_tokenizer(chat_checkpoint)
+    d = Dispatcher(Engine(model, max_batch_size=8, max_seq_len=512, hugepages=False), tok)
+    ro = rollout(cfg, 0, d, tok, rewards_mod.parse_reward_spec("parity"), tok.stop_token_ids)
+    assert len(ro["samples"]) == cfg.group_size * cfg.queries_per_step
+    devs, n = 0.0, 0
+    with torch.no_grad():
+        for b in micro_batches(ro["samples"], 4):
+            logp = token_logprobs(model(b["input_ids"]).float(), b["targets"], temperature)
+            dev = ((logp - b["old_logp"]).exp() - 1).abs() * b["mask"]
+            devs, n = devs + float(dev.sum()), n + float(b["mask"].sum())
+    assert n > 0
+    assert devs / n <= 1e-4
+
+
+def test_engine_samples_with_the_trained_weights(chat_checkpoint, parity_reward):
+    """After an optimizer step the same Engine (built once, sharing the model's tensors)
+    decodes exactly like a fresh engine on a copy of the updated weights."""
+    cfg = _cfg(chat_checkpoint, Path("unused"))
+    model = load_model(chat_checkpoint, dtype=torch.float32).train()
+    tok = load_tokenizer(chat_checkpoint)
+    engine = Engine(model, max_batch_size=8, max_seq_len=512, hugepages=False)
+    d = Dispatcher(engine, tok)
+    ro = rollout(cfg, 0, d, tok, rewards_mod.parse_reward_spec("parity"), tok.stop_token_ids)
+    prompt = ro["samples"][0]["prompt"]
+    before = engine.generate([prompt], max_new_tokens=12, temperature=0)[0].tokens
+    opt = build_optimizer(model, 0.05, weight_decay=0.0)
+    train_step(model, opt, micro_batches(ro["samples"], 4), GRPOObjective(cfg), lr=0.05, world=init_world("cpu"))
+    after = engine.generate([prompt], max_new_tokens=12, temperature=0)[0].tokens
+    fresh = Engine(copy.deepcopy(model).eval(), max_batch_size=1, max_seq_len=512, decode="torch", hugepages=False)
+    assert after == fresh.generate([prompt], max_new_tokens=12, temperature=0)[0].tokens
+    assert after != before  # the step changed what the model says (else the test shows nothing)
+
+
+def _losses(out: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+            if r.get("kind") == "train"]
+
+
+@pytest.mark.slow
+def test_resume_between_updates_is_bitwise(chat_checkpoint, parity_reward, tmp_path):
+    """Paused after step 3 (between the two updates of rollout 1) and resumed: the same
+    per-step losses, bit for bit, as one uninterrupted run (fp32, CPU)."""
+    whole = tmp_path / "whole"
+    grpo(_cfg(chat_checkpoint, whole, rollouts=3))
+    split = tmp_path / "split"
+    first = grpo(_cfg(chat_checkpoint, split, rollouts=3, stop_after_step=3))
+    assert first.get("paused") == 3
+    from qwen25.train.checkpointing import latest_checkpoint
+
+    paused = latest_checkpoint(split / "checkpoints")
+    assert paused.step == 3 and paused.state["rollout"]["index"] == 1  # the half-used rollout is kept
+    grpo(_cfg(chat_checkpoint, split, rollouts=3))
+    a, b = _losses(whole), _losses(split)
+    assert len(a) == 6 and a == b
+    assert any(x != 0.0 for x in a)
+    records = [json.loads(x) for x in (whole / "metrics.jsonl").read_text().splitlines()]
+    firsts = [r["first_update_ratio_dev"] for r in records if "first_update_ratio_dev" in r]
+    assert len(firsts) == 3 and max(firsts) <= 1e-4
+    assert (whole / "final" / "config.json").exists() and (whole / "plots").is_dir()
+
+
+def test_a_failing_reward_drops_the_sample_and_the_run_goes_on(chat_checkpoint, monkeypatch, tmp_path):
+    calls = {"n": 0}
+
+    def flaky(prompt, completion, example):
+        calls["n"] += 1
+        if calls["n"] % 3 == 0:
+            raise ValueError("verifier bug")
+        return math.nan if calls["n"] % 5 == 0 else float(len(completion) % 2)
+
+    monkeypatch.setitem(rewards_mod.BUILTIN, "flaky", (flaky, "test"))
+    out = tmp_path / "run"
+    summary = grpo(_cfg(chat_checkpoint, out, reward="flaky", rollouts=1, mu=1, order="random"))
+    assert summary["step"] == 1
+    rec = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"rollout"' in x][0]
+    assert rec["reward_failed"] > 0 and rec["answers"] == 8 - rec["reward_failed"]
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"group_size": 1}, "at least 2 answers"),
+    ({"reward": "no_such_reward"}, "unknown reward"),
+    ({"reward": ""}, "--reward is empty"),
+    ({"aggregation": "mean"}, "aggregation"),
+    ({"order": "sorted"}, "order"),
+    ({"temperature": 0.0}, "temperature"),
+    ({"mu": 0}, "mu"),
+    ({"eps_low": 1.5}, "eps_low"),
+    ({"queries": "gsm8k"}, "unknown query set"),
+    ({"group_size": 16, "max_batch_size": 8}, "max_batch_size"),
+])
+def test_bad_config_is_one_line(chat_checkpoint, tmp_path, change, match):
+    with pytest.raises(UserError, match=match) as e:
+        grpo(_cfg(chat_checkpoint, tmp_path / "x", **change))
+    assert "\n" not in str(e.value)
+
+
+def test_queries_come_from_training_splits_only():
+    from qwen25.eval.tasks import get_task
+
+    held_out = {ex.messages[-1]["content"] for ex in get_task("synth_math").examples(0)}
+    train = {query("synth_math", i).messages[-1]["content"] for i in range(500)}
+    assert not held_out & train
+    assert query("arithmetic", 3) == query("arithmetic", 3)  # pure function of the index
+
+
+def test_reward_spec_weights_and_sum():
+    rs = rewards_mod.parse_reward_spec("math_answer,format:0.25")
+    assert [(r.name, r.weight) for r in rs] == [("math_answer", 1.0), ("format", 0.25)]
+    from qwen25.eval.tasks.base import GenExample
+
+    ex = GenExample(id="x", prompt="", messages=(), target=12)
+    total, parts = rewards_mod.total_reward(rs, "", "3 x 4 = 12. The answer is 12.", ex)
+    assert parts == {"math_answer": 1.0, "format": 1.0} and total == 1.25
+    total, parts = rewards_mod.total_reward(rs, "", "It is 13.", ex)
+    assert total == 0.0
+    with pytest.raises(UserError, match="rm:"):
+        rewards_mod.parse_reward_spec("rm:")
