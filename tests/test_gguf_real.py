@@ -132,7 +132,7 @@ def test_chat_rendering_equals_transformers(smollm2_tokenizer, smollm2_hf_tokeni
 def test_the_real_model_answers(smollm2, smollm2_tokenizer, question, word):
     """Smoke test of the whole path; questions this 135M model is known to get right."""
     from qwen25.engine import Engine
-    from qwen25.engine.text import chat
+    from qwen25.assistant import chat
 
     engine = Engine(smollm2, max_batch_size=1, max_seq_len=256, hugepages=False)
     reply = chat(engine, smollm2_tokenizer, [{"role": "user", "content": question}],

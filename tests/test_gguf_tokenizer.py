@@ -207,7 +207,7 @@ def test_qwen2_gguf_with_the_builtin_vocab_takes_the_fast_path(tmp_path):
     NFC to GGUF vocabularies; Qwen's own tokenizer.json does)."""
     from transformers import AutoTokenizer
 
-    from qwen25.tokenizer.engine import TiktokenEngine
+    from qwen25.tokenizer.bpe import TiktokenEngine
     from qwen25.tokenizer.gguf import load_gguf_tokenizer
 
     path = _write_qwen_vocab(tmp_path / "qwen.gguf")

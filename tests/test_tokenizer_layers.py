@@ -11,8 +11,10 @@ import qwen25
 
 ROOT = Path(qwen25.__file__).parent
 ALLOWED = {  # qwen25 modules each package may import at module level (design.md layers)
-    "tokenizer": ("qwen25.errors", "qwen25.config", "qwen25.tokenizer"),
-    "chat": ("qwen25.errors", "qwen25.config", "qwen25.tokenizer", "qwen25.chat"),
+    # the GGUF name tables and file opener are stdlib/gguf leaves (layer 0) the GGUF tokenizer reads
+    "tokenizer": ("qwen25.errors", "qwen25.config", "qwen25.files", "qwen25.tokenizer", "qwen25.formats.gguf_names",
+                  "qwen25.formats.gguf_file"),
+    "chat": ("qwen25.errors", "qwen25.config", "qwen25.files", "qwen25.tokenizer", "qwen25.chat"),
 }
 
 

@@ -128,7 +128,7 @@ def _score_batch(model, batch, conts):
     for layer in range(len(cache.k)):
         rows.k[layer].copy_(cache.k[layer].index_select(0, sel))
         rows.v[layer].copy_(cache.v[layer].index_select(0, sel))
-    rows.lengths.copy_(torch.tensor([lens[b] for b in row_ctx], device=device))
+    rows.lengths = [lens[b] for b in row_ctx]
     cont_ids = torch.zeros(len(members), tmax, dtype=torch.long)
     for r, i in enumerate(members):
         cont_ids[r, :len(conts[i])] = torch.tensor(conts[i])

@@ -25,7 +25,7 @@ from qwen25.formats.gguf_file import GGUFError, GGUFFile, open_gguf
 from qwen25.tokenizer import qwen
 from qwen25.tokenizer.bytelevel import str_to_token
 from qwen25.tokenizer.core import AddedToken, Tokenizer
-from qwen25.tokenizer.engine import HFEngine
+from qwen25.tokenizer.bpe import HFEngine
 from qwen25.tokenizer.hf import JsonSource, builtin_tokenizer
 
 # GPT-2's split (also HF ByteLevel's built-in regex).
