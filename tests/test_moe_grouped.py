@@ -46,11 +46,13 @@ def _per_token(ex: Experts, x, idx, w):
 SHAPES = [(6, 16, 8), (5, 12, 6)]
 
 
-@pytest.mark.parametrize("backend", ["auto", "grouped", "padded", "loop"])
-@pytest.mark.parametrize("E,h,inter", SHAPES)
+# The grouped kernel needs 16-byte aligned rows, so it is only asked for on the aligned shape.
+CASES = [(b, *s) for s in SHAPES for b in ("auto", "grouped", "padded", "loop")
+         if not (b == "grouped" and (s[1] % 4 or s[2] % 4))]
+
+
+@pytest.mark.parametrize("backend,E,h,inter", CASES)
 def test_experts_forward_and_backward_equal_the_per_token_reference(backend, E, h, inter):
-    if backend == "grouped" and (h % 4 or inter % 4):
-        pytest.skip("the grouped kernel needs 16-byte aligned rows")
     if backend == "grouped" and not hasattr(torch, "_grouped_mm"):
         pytest.skip("this torch has no _grouped_mm")
     g = torch.Generator().manual_seed(1)
