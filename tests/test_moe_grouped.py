@@ -150,3 +150,26 @@ def test_utilisation_entropy_of_even_and_collapsed_routing():
     assert utilisation_entropy(torch.tensor([0, 9, 0, 0])) == 0.0
     logits = torch.tensor([[3.0, 1.0, 2.0], [0.0, 5.0, 4.0]])
     assert expert_counts(logits, 2).tolist() == [1, 1, 2]
+
+
+def test_pretraining_loss_adds_the_router_z_loss_per_target_token():
+    """lm_loss with router_z_loss_coef: summed CE + coef x z-loss x count, where both terms
+    are recomputed here from a plain forward (F.cross_entropy, logsumexp of the router logits)."""
+    from qwen25.model.model import build_model
+    from qwen25.train.loop import lm_loss
+
+    cfg = ModelConfig.preset("tiny-moe").replace(router_z_loss_coef=0.05)
+    model = build_model(cfg, seed=0)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, cfg.vocab_size, (2, 9), generator=g)
+    labels = ids.roll(-1, 1)
+    labels[0, -3:] = -100  # masked targets count neither in the CE nor in the z-loss
+    ce, count, aux = lm_loss(model, {"input_ids": ids, "labels": labels}, cfg)
+    logits, router_logits = model(ids, output_router_logits=True)
+    want_ce = F.cross_entropy(logits.float().reshape(-1, cfg.vocab_size), labels.reshape(-1), reduction="sum")
+    keep = (labels != -100).reshape(-1)
+    z = sum(torch.logsumexp(r.float(), -1).square()[keep].sum() for r in router_logits) / (keep.sum() * len(router_logits))
+    assert float(count) == keep.sum()
+    torch.testing.assert_close(ce, want_ce + 0.05 * z * keep.sum(), rtol=1e-5, atol=1e-4)
+    plain, _, _ = lm_loss(model, {"input_ids": ids, "labels": labels}, cfg.replace(router_z_loss_coef=0.0))
+    assert float((ce - plain).detach()) > 1e-3  # the term is really there

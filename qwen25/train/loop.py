@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from qwen25.config import ModelConfig, count_parameters
-from qwen25.model.moe import load_balancing_loss
+from qwen25.model.moe import load_balancing_loss, router_z_loss
 from qwen25.train import parallel
 from qwen25.train.losses import IGNORE_INDEX, cross_entropy_sum
 from qwen25.train.optim import set_lr
@@ -47,16 +47,24 @@ class TrainingDiverged(RuntimeError):
 def lm_loss(model: nn.Module, batch: Batch, cfg: ModelConfig, ce_chunk: int | None = None,
             compiled: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(summed CE in nats, target count, MoE load-balancing loss or None) for one batch.
-    compiled: the cross entropy through `torch.compile` (see `cross_entropy_sum`)."""
+    compiled: the cross entropy through `torch.compile` (see `cross_entropy_sum`).
+    An MoE config with `router_z_loss_coef` adds coef x z-loss x count to the summed CE."""
     ids, labels = batch["input_ids"], batch["labels"]
     positions = batch.get("position_ids")
+    z = None
     if cfg.is_moe:
         logits, router_logits = model(ids, positions=positions, output_router_logits=True)
         mask = labels != IGNORE_INDEX
         aux = load_balancing_loss(router_logits, cfg.num_experts, cfg.num_experts_per_tok, mask)
+        if cfg.router_z_loss_coef:
+            z = router_z_loss(router_logits, mask)
     else:
         logits, aux = model(ids, positions=positions), None
     ce, count = cross_entropy_sum(logits, labels, ce_chunk, compiled=compiled)
+    if z is not None:
+        # The z-loss joins the objective per target token, so after the step's division by the
+        # token count it is router_z_loss_coef x the token-weighted mean z-loss (ST-MoE).
+        ce = ce + cfg.router_z_loss_coef * z * count
     return ce, count, aux
 
 
