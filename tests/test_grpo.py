@@ -198,3 +198,61 @@ def test_reward_spec_weights_and_sum():
     assert total == 0.0
     with pytest.raises(UserError, match="rm:"):
         rewards_mod.parse_reward_spec("rm:")
+
+
+@pytest.fixture(scope="module")
+def reward_folder(chat_checkpoint, tmp_path_factory) -> Path:
+    """A reward model on the tiny chat model (random head, scaled so scores differ)."""
+    from qwen25.train.reward_model import RewardModel, save_reward_model
+
+    tok = load_tokenizer(chat_checkpoint)
+    rm = RewardModel(load_model(chat_checkpoint, dtype=torch.float32), pad_token_id=tok.pad_token_id)
+    rm.init_head(seed=1)
+    with torch.no_grad():
+        rm.score.weight.mul_(50)
+    out = tmp_path_factory.mktemp("rm") / "rm"
+    save_reward_model(rm, out)
+    for f in chat_checkpoint.iterdir():
+        if f.name.startswith("tokenizer") or f.suffix == ".jinja":
+            (out / f.name).write_bytes(f.read_bytes())
+    return out
+
+
+def test_reward_model_reward_equals_transformers_on_the_rendered_conversation(chat_checkpoint, reward_folder):
+    """rm:DIR scores (query turns + the completion as the assistant's turn) exactly as
+    transformers' sequence classifier scores the chat-template rendering of that conversation."""
+    from transformers import AutoModelForSequenceClassification
+
+    from qwen25.train.reward_score import load_reward_scorer
+
+    tok = load_tokenizer(chat_checkpoint)
+    hf = AutoModelForSequenceClassification.from_pretrained(reward_folder).eval()
+    rm = rewards_mod.parse_reward_spec(f"rm:{reward_folder}:0.5", load_reward_model=load_reward_scorer)
+    ex = query("synth_math_chat", 3)
+    scores = []
+    for completion in ("The answer is 5.", "Ben has 3 apples.\nThe final answer is $\\boxed{12}$."):
+        total, parts = rewards_mod.total_reward(rm, "", completion, ex)
+        msgs = list(ex.messages) + [{"role": "assistant", "content": completion}]
+        ids = tok.apply_chat_template(msgs)
+        end = len(ids) - ids[::-1].index(tok.token_to_id("<|im_end|>"))  # through the reply's <|im_end|>
+        with torch.no_grad():
+            ref = float(hf(input_ids=torch.tensor([ids[:end]])).logits[0, 0])
+        assert parts[f"rm:{reward_folder}"] == pytest.approx(ref, abs=1e-4)
+        assert total == pytest.approx(0.5 * ref, abs=1e-4)
+        scores.append(ref)
+    assert abs(scores[0] - scores[1]) > 1e-3  # the reply matters
+
+
+def test_grpo_runs_with_verifier_plus_reward_model(chat_checkpoint, reward_folder, tmp_path):
+    cfg = _cfg(chat_checkpoint, tmp_path / "run", queries="synth_math_chat", reward=f"math_latex,rm:{reward_folder}:0.5",
+               rollouts=1, mu=1)
+    summary = grpo(cfg)
+    rec = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    roll = [r for r in rec if r.get("kind") == "rollout"]
+    assert summary["step"] == 1 and roll and roll[0]["reward_failed"] == 0
+    assert roll[0]["reward_std"] > 0  # the reward model separates answers that all miss the verifier
+
+
+def test_a_missing_reward_model_folder_is_one_line(chat_checkpoint, tmp_path):
+    with pytest.raises(UserError, match="rm:.*not a folder"):
+        grpo(_cfg(chat_checkpoint, tmp_path / "run", reward=f"math_latex,rm:{tmp_path / 'nope'}"))

@@ -1,8 +1,9 @@
-"""`qwen25 speedrun [--profile cpu|gpu] [--out DIR]`: the whole pretraining recipe on built-in data.
+"""`qwen25 speedrun [--profile cpu|gpu|smoke] [--out DIR]`: the whole recipe on built-in data.
 
 Fetch the corpora, train a tokenizer, prepare shards, pretrain through both stages (short
-context, then long context with the RoPE base raised) and write OUT/report.md. Re-running
-the same command after an interruption continues where it stopped.
+context, then long context with the RoPE base raised), then SFT, preference pairs, DPO, a
+reward model and GRPO, evaluate every stage and write OUT/report.md with the report card.
+Re-running the same command after an interruption continues where it stopped.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import argparse
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--profile", default="cpu", help="cpu (20 minutes on 2 cores) or gpu (one GPU, more tokens)")
+    p.add_argument("--profile", default="cpu", help="cpu (about 40 minutes on 2 cores), gpu (one GPU, more tokens) or smoke "
+                   "(every stage in about two minutes)")
     p.add_argument("--out", default="runs/speedrun", help="the run's folder (default: runs/speedrun)")
     p.add_argument("--started-at", type=float, default=None,
                    help="UNIX time the set-up began (the Makefile passes it so the report can count it)")

@@ -1,18 +1,22 @@
-"""The speedrun: the report's pretraining recipe end to end on built-in data, in one folder.
+"""The speedrun: the report's whole recipe end to end on built-in data, in one folder.
 
     fetch the built-in corpora -> train a byte-level BPE tokenizer on them -> filter, dedup,
     decontaminate and tokenise them into shards -> pretrain a small Qwen2.5-architecture
     model in two stages (short context at RoPE base 1e4, then 4x the context at base 1e6:
-    ABF, spec §3.3) -> report (markdown, curves, samples, tokens/s, timings)
+    ABF, spec §3.3) -> post-training (`qwen25.recipes.post_training`: SFT, pairs, DPO,
+    reward model, GRPO) -> every stage evaluated (`qwen25.recipes.report_card`) -> report
 
 Everything lands in OUT (default `runs/speedrun`): `tokenizer/`, `data/`, `checkpoints/`,
-`metrics.jsonl`, `plots/`, `final/` (model + tokenizer, ready for `qwen25 chat OUT/final`)
-and `report.md`. Each phase skips itself when its output is complete, and pretraining
-resumes from its newest checkpoint, so re-running the command after an interruption
-continues where it stopped. `timings.json` accumulates the seconds spent in each phase.
+`metrics.jsonl` and `plots/` of pretraining, `base/` (the pretrained model), one run folder
+per post-training stage (`sft/`, `pairs/`, `dpo/`, `rm/`, `grpo/`), `card.json`, `final/`
+(the aligned model + tokenizer, ready for `qwen25 chat OUT/final`) and `report.md`. Each
+phase skips itself when its output is complete and every training stage resumes from its
+newest checkpoint, so re-running the command after an interruption continues where it
+stopped. `timings.json` accumulates the seconds spent in each phase.
 
-Profiles are plain configs: "cpu" fits 20 minutes on 2 cores (the goal: held-out
-Shakespeare at <= 2.3 bits per byte); "gpu" scales the same recipe to one GPU.
+Profiles are plain configs: "cpu" gives pretraining 20 minutes on 2 cores (the goal:
+held-out Shakespeare at <= 2.3 bits per byte) and post-training about a quarter of an hour;
+"gpu" scales the same recipe to one GPU; "smoke" checks every stage in about two minutes.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ class Profile:
     sources: tuple[str, ...] = ()  # built-in sources to prepare (empty: all of them)
     notes: str = ""  # why these numbers, for the report
     sample_prompts: tuple[str, ...] = ("ROMEO:", "def fibonacci(n):", "Question:")
+    post: Any = None  # the post-training plan (`qwen25.recipes.post_training.PostProfile`); None: stop at the base
 
 
 # Domain weights of every batch. The mixture follows the built-in data (about three quarters
@@ -119,6 +124,14 @@ SMOKE = Profile(
                       short_fraction=0.6, short_seq_len=128))),
 )
 
+def _with_post() -> None:
+    from qwen25.recipes import post_training as pt
+
+    for name in ("CPU", "GPU", "SMOKE"):
+        globals()[name] = replace(globals()[name], post=getattr(pt, name))
+
+
+_with_post()
 PROFILES = {"cpu": CPU, "gpu": GPU, "smoke": SMOKE}
 
 
@@ -368,13 +381,76 @@ def speedrun(out: str | Path = "runs/speedrun", profile_name: str = "cpu",
               f"{run_plan['precision']} with micro-batches of {run_plan['micro_batch']}"
               f"{' + torch.compile' if run_plan.get('compile') else ''}", flush=True)
         cfg = apply_plan(cfg, run_plan)
-    with timings.phase("pretrain"):
-        summary = pretrain(cfg)
-    if summary.get("interrupted"):
-        raise KeyboardInterrupt  # the CLI reports it; the checkpoint is saved
+    base = out / "base"
+    if _pretrained(out):
+        summary = json.loads((out / "summary.json").read_text())
+    else:
+        with timings.phase("pretrain"):
+            summary = pretrain(cfg)
+        if summary.get("interrupted"):
+            raise KeyboardInterrupt  # the CLI reports it; the checkpoint is saved
+        if prof.post is not None:  # OUT/final becomes the aligned model; the pretrained one is OUT/base
+            _replace_dir(out / "final", base)
+    post = None
+    if prof.post is not None:
+        post = _post_training(out, prof, timings)
     with timings.phase("report"):
-        path = write_report(out, prof, cfg, summary, timings.seconds, _machine(), run_plan)
+        path = write_report(out, prof, cfg, summary, timings.seconds, _machine(), run_plan, post=post)
     return path
+
+
+def _pretrained(out: Path) -> bool:
+    """Pretraining finished and its model moved to OUT/base (re-runs skip it)."""
+    path = out / "summary.json"
+    if not (out / "base" / "config.json").is_file() or not path.is_file():
+        return False
+    s = json.loads(path.read_text())
+    return bool(s.get("final")) and not s.get("interrupted") and not s.get("paused")
+
+
+def _replace_dir(src: Path, dest: Path) -> None:
+    """Move (or copy) folder src to dest, replacing dest, never leaving a half folder."""
+    import shutil
+
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    old = dest.with_name(f".{dest.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        dest.rename(old)
+    tmp.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _post_training(out: Path, prof: Profile, timings: Timings) -> list[str]:
+    """SFT -> pairs -> DPO -> reward model -> GRPO, the card of every stage, OUT/final = GRPO's model."""
+    from qwen25.data import builtin
+    from qwen25.recipes import report_card as rc
+    from qwen25.recipes.post_training import run_post_training, stage_dirs
+
+    summaries = run_post_training(out, prof.post, timings)
+    card_path = out / "card.json"
+    card = json.loads(card_path.read_text()) if card_path.exists() else {}
+    d = stage_dirs(out)
+    todo = [s for s in ("base", "sft", "dpo", "grpo") if s not in card]
+    if todo:
+        with timings.phase("evaluate"):
+            seen = rc.trained_questions(Path(builtin.fetch()))
+            sets = rc.heldout_math(prof.post.eval_math, seen)
+            instructions = rc.heldout_instructions(prof.post.eval_if)
+            for stage in todo:
+                folder = out / "base" if stage == "base" else d[stage] / "final"
+                print(f"== evaluate {stage}: {folder}", flush=True)
+                card[stage] = rc.evaluate_stage(folder, sets, instructions, manifest=out / "data" / "manifest.json",
+                                                max_new_tokens=prof.post.eval_tokens,
+                                                reward_model=d["rm"] / "final", base_format=stage == "base")
+                card["_meta"] = {"math": prof.post.eval_math, "instructions": prof.post.eval_if}
+                atomic_write(card_path, json.dumps(card, indent=1))
+    if not (out / "final" / "config.json").is_file() or \
+            (out / "final" / "model.safetensors").stat().st_mtime < (d["grpo"] / "final" / "model.safetensors").stat().st_mtime:
+        _replace_dir(d["grpo"] / "final", out / "final")
+    return rc.post_training_section(out, card, summaries, timings.seconds)
 
 
 def _machine() -> dict[str, Any]:

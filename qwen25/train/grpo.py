@@ -330,9 +330,9 @@ def _log_rollout(run: Run, step: int, stats: dict) -> None:
 
 def _reward_model_loader(cfg: GRPOConfig):
     def load(path: str):
-        try:
-            from qwen25.train.reward import load_reward_scorer  # the reward-model stage
-        except ImportError:
-            raise UserError("rm: rewards need the reward-model stage (qwen25 reward train)") from None
+        from qwen25.train.reward_score import load_reward_scorer
+
+        if not Path(path).is_dir():
+            raise UserError(f"reward rm:{path}: not a folder; pass a reward model written by `qwen25 reward train`")
         return load_reward_scorer(path, device=cfg.device)
     return load

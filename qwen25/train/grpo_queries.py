@@ -7,6 +7,9 @@ never evaluated:
 - "synth_math": the built-in synthetic word problems' *training* families
   (`qwen25.data.mathgen`, split "train"; the held-out split `synth_math` is evaluated on
   uses other families), zero-shot, asking for "The answer is N.";
+- "synth_math_chat": the same training families asked as the built-in SFT conversations
+  ask them (the bare question; the SFT replies end "The final answer is $\\boxed{N}$",
+  which the "math_latex" reward reads), for a model fine-tuned on `qwen25 sft --data builtin`;
 - "arithmetic": seeded two- and three-digit sums, differences and products, asked the same
   way (a task a small instruct model half-solves, so rewards vary within a group).
 
@@ -34,6 +37,14 @@ def _synth_math(i: int) -> GenExample:
                       messages=_chat(p["question"]), target=p["answer"], doc=p)
 
 
+def _synth_math_chat(i: int) -> GenExample:
+    from qwen25.data import mathgen
+
+    p = mathgen.problem("train", i)
+    return GenExample(id=f"synth_math_chat/{i}", prompt=f"Problem: {p['question']}\nSolution:",
+                      messages=({"role": "user", "content": p["question"]},), target=str(p["answer"]), doc=p)
+
+
 def _arithmetic(i: int) -> GenExample:
     r = random.Random(f"arithmetic:{i}")
     op = r.choice("+-*")
@@ -47,7 +58,7 @@ def _arithmetic(i: int) -> GenExample:
                       target=answer, doc={"a": a, "b": b, "op": op})
 
 
-QUERY_SETS = {"synth_math": _synth_math, "arithmetic": _arithmetic}
+QUERY_SETS = {"synth_math": _synth_math, "synth_math_chat": _synth_math_chat, "arithmetic": _arithmetic}
 
 
 def query(name: str, i: int) -> GenExample:

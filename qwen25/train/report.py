@@ -45,8 +45,12 @@ def _fmt_s(seconds: float) -> str:
 
 
 def write_report(out: Path, prof, cfg: PretrainConfig, summary: dict[str, Any], timings: dict[str, float],
-                 machine: dict[str, Any], plan: dict[str, Any] | None = None) -> Path:
-    """Write OUT/report.md (and refresh the plots); return its path."""
+                 machine: dict[str, Any], plan: dict[str, Any] | None = None,
+                 post: list[str] | None = None) -> Path:
+    """Write OUT/report.md (and refresh the plots); return its path.
+
+    post: the post-training section (the report card), placed after the headline; the
+    chat command then names the aligned model rather than the base one."""
     records = read_metrics(out / "metrics.jsonl")
     plot_metrics(out / "metrics.jsonl", out / "plots")
     evals = summary.get("eval") or {}
@@ -58,6 +62,8 @@ def write_report(out: Path, prof, cfg: PretrainConfig, summary: dict[str, Any], 
         verdict = "meets" if shakespeare <= GOAL_BPB else "misses"
         lines += [f"**Held-out Shakespeare: {shakespeare:.3f} bits per byte** ({verdict} the goal of "
                   f"<= {GOAL_BPB}; nanoGPT's CPU Shakespeare example ends near 2.7 bits per character).", ""]
+    if post:
+        lines += post + ["## Pretraining", ""]
     last = cfg.stages[-1]
     lines += [f"Held-out documents are scored in windows of {stage_seq_len(cfg, last)} tokens (the last "
               "stage's sequence length); bits per byte = nats per token / ln 2 / UTF-8 bytes per token.", "",
@@ -104,8 +110,9 @@ def write_report(out: Path, prof, cfg: PretrainConfig, summary: dict[str, Any], 
               f"{cfg.sample_temperature})", ""]
     for s in summary.get("samples", []):
         lines += [f"- **{s['prompt']}** {s['completion']!r}"]
-    lines += ["", "## Machine", "", ", ".join(f"{k}: {v}" for k, v in machine.items() if v is not None), "",
-              "## Next", "", "Chat with the result:", "", "```bash", f"qwen25 chat {out / 'final'}", "```", ""]
+    lines += ["", "## Machine", "", ", ".join(f"{k}: {v}" for k, v in machine.items() if v is not None), ""]
+    if not post:
+        lines += ["## Next", "", "Chat with the result:", "", "```bash", f"qwen25 chat {out / 'final'}", "```", ""]
     path = out / "report.md"
     tmp = path.with_name(".report.md.tmp")
     tmp.write_text("\n".join(lines))

@@ -57,3 +57,29 @@ def score_file(model_dir: str, data: str, out: str, *, tokenizer: str | None = N
                                for row, s in zip(rows, scores)))
     stats["scored"] = len(scores)
     return stats
+
+
+def load_reward_scorer(model_dir: str, *, tokenizer: str | None = None, device: str = "cpu",
+                       max_length: int = 4096):
+    """A GRPO reward `fn(prompt, completion, example) -> float` backed by a trained reward model.
+
+    The query's chat messages (`example.messages`) and the completion as one assistant turn
+    are tokenised exactly as one side of a training pair (`conversation_ids`), so the value
+    is the score the model was trained to produce. A completion the model cannot read
+    (empty, too long, ids outside its vocabulary) raises, which GRPO counts and drops.
+    """
+    import torch
+
+    model = load_reward_model(model_dir, device=device).eval()
+    tok = load_stage_tokenizer(model_dir, tokenizer)
+    vocab = model.config.vocab_size
+
+    def score(prompt: str, completion: str, example) -> float:
+        messages = list(getattr(example, "messages", None) or [{"role": "user", "content": prompt}])
+        ids = conversation_ids(tok, {"prompt": messages, "completion": [{"role": "assistant", "content": completion}]})
+        if len(ids) > max_length or max(ids) >= vocab:
+            raise PairError("too_long" if len(ids) > max_length else "vocab", "the reward model cannot score this")
+        with torch.no_grad():
+            return score_batches(model, [ids], 1)[0]
+
+    return score
