@@ -1,12 +1,13 @@
-"""What an adversarial probe broke in the server (issue 21 items 1-3, 5-8), and the general
+"""What an adversarial probe broke in the server (issue 21 items 1-8), and the general
 promises behind them: a client's mistake is never a 5xx, one request never changes or fails
 another's output, no request (a 4K-token prompt scoring among them) stops running streams for
-more than a prefill chunk, every request is cancelled by hanging up, and the tokenizer routes
-neither block the event loop nor run for anyone without the key.
+more than a prefill chunk, every request is cancelled by hanging up, the tokenizer routes
+neither block the event loop nor run for anyone without the key, and a shutdown that runs out
+of time still answers every client in the OpenAI format.
 
 Time never decides a test: progress is counted in engine steps (decode calls, prefill
 chunks), and a "slow" engine is one whose step sleeps, so that a request cannot finish
-before its client hangs up whatever the machine's speed.
+within a shutdown timeout whatever the machine's speed.
 """
 
 from __future__ import annotations
@@ -329,3 +330,57 @@ def test_head_is_answered_like_get(server, route):
     head = httpx.head(server.url + route, headers=AUTH)
     assert get.status_code == head.status_code == 200
     assert head.content == b""
+
+
+# ---- item 4: past the shutdown timeout, every client still gets an OpenAI error ---------------------
+
+def test_past_the_shutdown_timeout_every_request_ends_with_an_openai_error(ckpt, monkeypatch):
+    """Four requests (streamed and not, chat and completions) that cannot finish: 400 tokens
+    at 50 ms a step take 20 s, the shutdown timeout is 1 s. Each stream must end with an error
+    event and [DONE]; each non-streaming request must get a 503 with the OpenAI error body."""
+    server = Server(ckpt, max_batch_size=4, max_seq_len=512, shutdown_timeout=1.0)
+    step = server.engine.step
+
+    def slow_step():
+        time.sleep(0.05)
+        return step()
+
+    monkeypatch.setattr(server.engine, "step", slow_step)
+    long = {"max_tokens": 400, "ignore_eos": True, "temperature": 0}
+    requests = {"cmpl-stream": ("/v1/completions", {"prompt": "once", "stream": True, **long}),
+                "chat-stream": ("/v1/chat/completions", {"messages": M, "stream": True, **long}),
+                "cmpl": ("/v1/completions", {"prompt": "upon", **long}),
+                "chat": ("/v1/chat/completions", {"messages": M, **long})}
+    results: dict = {}
+
+    def call(key, route, body):
+        try:
+            if body.get("stream"):
+                with httpx.stream("POST", server.url + route, json=body, timeout=120) as r:
+                    results[key] = (r.status_code, sse_events(r))
+            else:
+                r = httpx.post(server.url + route, json=body, timeout=120)
+                results[key] = (r.status_code, r.headers.get("content-type"), r.text)
+        except httpx.HTTPError as e:  # the response was cut off
+            results[key] = ("cut", repr(e), "")
+
+    threads = [threading.Thread(target=call, args=(k, *v)) for k, v in requests.items()]
+    with server:
+        for t in threads:
+            t.start()
+        _until(lambda: server.state.worker.counts()[0] == 4, "the four requests to run")
+    # leaving the block shut the server down (as SIGTERM does): 1 s later the requests were failed
+    for t in threads:
+        t.join(60)
+    for key in ("cmpl-stream", "chat-stream"):
+        status, events = results[key][:2]
+        assert status == 200 and events[-1] == "[DONE]", (key, status, events[-3:])
+        assert any("choices" in e for e in events[:-2]), key  # it was streaming before
+        err = events[-2]["error"]
+        assert err["code"] == "shutting_down" and err["type"] == "server_error" and err["message"], key
+    for key in ("cmpl", "chat"):
+        status, content_type, text = results[key]
+        assert status == 503 and content_type == "application/json", (key, status, text[:200])
+        err = json.loads(text)["error"]
+        assert set(err) == {"message", "type", "param", "code"}
+        assert err["code"] == "shutting_down" and err["type"] == "server_error", key

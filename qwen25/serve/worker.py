@@ -23,7 +23,8 @@ sample). What a job's queue receives, in order:
   at a time and is cancelled like any other request when its client hangs up; the scores
   arrive before the prompt's first SampleUpdate;
 - lists of `SampleUpdate` (new text and tokens of one choice; finish_reason on its last);
-- or a single `JobFailed` if the request could not be run.
+- or a single `JobFailed` if the request could not be run, or was aborted (`abort`: the
+  server's shutdown timeout passed).
 
 Counting: a job is "waiting" from submission to its first token (queued for a slot or being
 prefilled) and "running" from then until every choice has finished. `max_queue` bounds the
@@ -124,6 +125,7 @@ class EngineWorker:
         self._jobs: dict[int, Job] = {}  # accepted and unfinished, by job id
         self.dispatcher = Dispatcher(engine, tokenizer)  # used on the engine thread only
         self._stopping = False
+        self._abort: APIError | None = None  # set by abort(): fail every job with it
         self._thread: threading.Thread | None = None
         self.fatal: BaseException | None = None  # set if the thread died
 
@@ -165,6 +167,13 @@ class EngineWorker:
             self._inbox.append(job)
             self._cond.notify()
 
+    def abort(self, error: APIError) -> None:
+        """Fail every accepted job with `error` (the shutdown timeout passed): each client gets
+        it as an error event or error body, and the engine drops the jobs' work."""
+        with self._cond:
+            self._abort = error
+            self._cond.notify()
+
     def cancel(self, job: Job) -> None:
         """Stop `job` (its client went away); frees its slots at the next step."""
         if job.finished:
@@ -179,13 +188,19 @@ class EngineWorker:
         try:
             while True:
                 with self._cond:
-                    while not (self._stopping or self._inbox or self._cancels or self.engine.has_work
-                                or self.dispatcher.active):
+                    while not (self._stopping or self._abort or self._inbox or self._cancels
+                               or self.engine.has_work or self.dispatcher.active):
                         self._cond.wait()
                     if self._stopping:
                         break
-                    inbox, self._inbox = list(self._inbox), deque()
-                    cancels, self._cancels = self._cancels, []
+                    abort, self._abort = self._abort, None
+                    if abort is None:
+                        inbox, self._inbox = list(self._inbox), deque()
+                        cancels, self._cancels = self._cancels, []
+                if abort is not None:  # the inbox too: _fail_all takes it
+                    self._fail_all(abort)
+                    self.dispatcher.route()  # collect the cancellations
+                    continue
                 for job in inbox:
                     self._start(job)
                 for job in cancels:  # after starting: a job may be cancelled before its first step
