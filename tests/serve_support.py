@@ -7,8 +7,9 @@
   given prompts is given text: its next token is a lookup on the last 4 tokens, built
   from attention heads that copy the previous tokens and a least-squares lm_head. This is
   how the tests get exact tool-call text out of a model through the real engine.
-- `Server`: uvicorn in a thread, serving a `ServerState`; `.client()` is the official
-  `openai` client with max_retries=0 (a retried 5xx would hide a bug).
+- `Server`: uvicorn in a thread (the CLI's `build_server`, shutdown timeout included),
+  serving a `ServerState`; `.client()` is the official `openai` client with max_retries=0
+  (a retried 5xx would hide a bug).
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ from pathlib import Path
 import httpx
 import openai
 import torch
-import uvicorn
 
 from qwen25 import Engine, ModelConfig, build_model, load_model, load_tokenizer, save_model
-from qwen25.serve import ServerConfig, ServerState, create_app
+from qwen25.serve import ServerConfig, ServerState
+from qwen25.serve.app import build_server
 
 IM_END = 151645
 VOCAB = 151936
@@ -188,7 +189,7 @@ class Server:
 
     def __init__(self, path: Path, max_batch_size: int = 8, max_seq_len: int = 256, api_keys=(), max_queue=256,
                  served_model_name: str = "tiny", prefill_chunk: int = 512, max_body_bytes: int = 2**20,
-                 **engine_kw):
+                 shutdown_timeout: float = 30.0, **engine_kw):
         self.path = Path(path)
         self.model = load_model(path)
         self.tokenizer = load_tokenizer(path)
@@ -199,8 +200,8 @@ class Server:
                                               max_queue=max_queue, max_body_bytes=max_body_bytes))
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self._server = uvicorn.Server(uvicorn.Config(create_app(self.state), host="127.0.0.1", port=self.port,
-                                                     log_level="warning"))
+        # the server `qwen25 serve` runs (its shutdown included), without its signal handlers
+        self._server = build_server(self.state, "127.0.0.1", self.port, shutdown_timeout, log_level="warning")
         self._thread = threading.Thread(target=self._server.run, daemon=True)
 
     def __enter__(self) -> Server:

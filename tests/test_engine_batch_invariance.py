@@ -7,6 +7,8 @@ being prefilled in pieces that depend on the other queued prompts (different pie
 K/V values that differ in the last bits). Reference: each prompt run alone in a fresh
 engine. Tolerance: bitwise on the C++ decoder; 1e-5 on the PyTorch decode path, whose
 matmuls may pick other kernels by batch size (it is documented as not bitwise invariant).
+A third: another row's sampling parameters (issue 21 item 1), which must neither change a
+greedy neighbour's output nor fail the step they share.
 """
 
 import random
@@ -72,3 +74,37 @@ def test_prefill_pieces_start_at_multiples_of_the_chunk(model, monkeypatch):
     monkeypatch.setattr(engine.runner, "prefill", spy)
     engine.generate([[5] * 10, [7] * 37, [9] * 16], max_new_tokens=2, temperature=0, stop_token_ids=[])
     assert pieces == {5: [10], 7: [16, 16, 5], 9: [16]}
+
+
+# Sampling values at the edges of their valid ranges (issue 21 item 1): each is applied to its
+# own row only, so a greedy neighbour in the same decode batch must get exactly its tokens
+# and log-probabilities of running alone, and the hostile request itself must finish.
+HOSTILE = [
+    dict(repetition_penalty=1e-39, temperature=1.0),
+    dict(repetition_penalty=1e-39, temperature=1.0, top_k=5),
+    dict(repetition_penalty=1e-39, temperature=0.05, top_p=0.5),
+    dict(repetition_penalty=1e30, temperature=1.5, min_p=0.1),
+    dict(repetition_penalty=1e-30, temperature=1.0, presence_penalty=2.0, frequency_penalty=-2.0),
+    dict(temperature=1e4, top_k=VOCAB),
+    dict(temperature=1e-5 * 1.0001, top_p=1e-9),
+    dict(temperature=0.7, top_k=1, min_p=1.0, n=3, logprobs=20),
+    dict(repetition_penalty=0.5, temperature=0.0, presence_penalty=-2.0, frequency_penalty=2.0),
+]
+
+
+@pytest.mark.parametrize("hostile", HOSTILE, ids=[str(h) for h in HOSTILE])
+def test_a_hostile_neighbour_never_changes_a_greedy_request(model, hostile):
+    prompt, other = (p[:8] for p in _prompts(2, seed=7))  # 8 + 8 tokens: prefilled in one step
+    kw = dict(max_new_tokens=10, temperature=0, stop_token_ids=[], logprobs=3)
+    alone = _engine(model, "portable").generate([prompt], **kw)[0]
+    engine = _engine(model, "portable")
+    victim = engine.add(prompt, **kw)
+    bad = engine.add(other, max_new_tokens=10, stop_token_ids=[], seed=1, **hostile)
+    engine.step()  # both admitted in the same step, so every decode step batches them together
+    assert len(victim.outputs[0].tokens) == 1 and all(len(c.tokens) == 1 for c in bad.outputs)
+    while engine.has_work:
+        engine.step()
+    out = victim.outputs[0]
+    assert (out.tokens, out.logprobs, out.top_logprobs) == (alone.tokens, alone.logprobs, alone.top_logprobs)
+    for c in bad.outputs:
+        assert c.finish_reason == "length" and len(c.tokens) == 10 and all(0 <= t < VOCAB for t in c.tokens)

@@ -20,7 +20,9 @@ Rules (the OpenAI API's and vLLM's):
 - A sample ends on a stop token (finish "stop"; the token is the sample's last token, has
   its log-probability, and adds no text), on a stop string (finish "stop"; the text ends
   before the match; the request is cancelled in the engine once all its samples ended), at
-  max_new_tokens or the context (finish "length"), or when cancelled ("cancelled").
+  max_new_tokens or the context (finish "length"), or when cancelled ("cancelled"). A
+  score-only submission (prompt_logprobs, max_new_tokens 0) ends with "length" and no token
+  once `prompt_score` is set.
 - Routing reads each submission's `Request` handle, not the step's return value, so the
   outputs are complete whoever called `engine.step()` (two dispatchers may share an engine).
 
@@ -83,6 +85,12 @@ class Submission:
     @property
     def finished(self) -> bool:
         return all(r is not None for r in self._reasons)
+
+    @property
+    def prompt_score(self):
+        """The prompt's `Score` (log p of prompt[1:]) once its last chunk is prefilled, when
+        params.prompt_logprobs asked for it; else None."""
+        return self.request.prompt_score
 
     def finish_reason(self, i: int) -> str | None:
         """"stop" (stop token or stop string), "length", "cancelled"; None while running."""
@@ -179,7 +187,7 @@ class Dispatcher:
             if reason is not None:
                 sub._reasons[i] = reason
                 return events
-        if out.finish_reason is not None:  # ended without a new token: cancelled
+        if out.finish_reason is not None:  # ended without a new token: cancelled, or scored only
             text = stream.finish() if stream is not None else ""
             sub._reasons[i] = out.finish_reason
             events.append(TextEvent(sub, i, text, None, None, None, out.finish_reason))

@@ -32,7 +32,6 @@ and `engine.fast_path_reason` why the fast one is off.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import torch
 
@@ -40,27 +39,10 @@ from qwen25.engine.dispatch import Dispatcher
 from qwen25.engine.hugepages import collapse_in_background
 from qwen25.engine.runner import ModelRunner
 from qwen25.engine.sampling import SamplingParams
-from qwen25.engine.scheduler import Completion, Request, Scheduler, StepOutput
+from qwen25.engine.scheduler import Completion, Request, Scheduler, Score, StepOutput
 from qwen25.errors import UserError
 
 __all__ = ["Engine", "Completion", "Request", "StepOutput", "SamplingParams", "Score", "default_stop_ids"]
-
-
-@dataclass(frozen=True)
-class Score:
-    """Log-probabilities of given continuation tokens (see `Engine.score`)."""
-
-    logprobs: list[float]  # log p(continuation[t] | prompt + continuation[:t])
-    greedy: list[bool]  # whether continuation[t] is the argmax at its step
-    top_logprobs: list[list[tuple[int, float]]] | None  # best (id, logprob) pairs per step
-
-    @property
-    def total(self) -> float:
-        return float(sum(self.logprobs))
-
-    @property
-    def is_greedy(self) -> bool:
-        return all(self.greedy)
 
 
 def default_stop_ids(model) -> frozenset[int]:
@@ -135,7 +117,9 @@ class Engine:
 
         Pass either a `SamplingParams` or its fields as keywords (max_new_tokens, temperature,
         top_p, top_k, min_p, repetition_penalty, presence_penalty, frequency_penalty,
-        stop_token_ids, seed, logprobs, n). Bad input raises `UserError` here, never later.
+        stop_token_ids, seed, logprobs, n, prompt_logprobs). Bad input raises `UserError` here,
+        never later. With prompt_logprobs=k the prompt is scored chunk by chunk as it is
+        prefilled (`request.prompt_score`); max_new_tokens=0 then scores without generating.
         """
         if params is None:
             params = make_params(**sampling)
@@ -192,7 +176,9 @@ class Engine:
 
     def score(self, prompt_ids: Sequence[int], continuation_ids: Sequence[int], top_logprobs: int = 0) -> Score:
         """Log-probabilities of `continuation_ids` following `prompt_ids` (one forward, no
-        sampling): for echo+logprobs in /v1/completions and for loglikelihood evaluation."""
+        sampling), for loglikelihood evaluation in-process. The forward holds the step lock,
+        so running sequences wait for it: where other requests are streaming (the server),
+        score with `add(..., prompt_logprobs=k, max_new_tokens=0)`, which is chunked."""
         prompt = self.scheduler._check_prompt(prompt_ids)
         if not continuation_ids:
             raise UserError("score needs at least one continuation token")

@@ -83,6 +83,27 @@ class ModelRunner:
         return self.model.lm_head(h[0, -1]).float()
 
     @torch.inference_mode()
+    def prefill_scored(self, slot: int, ids: list[int], targets: list[int], top: int, want_logits: bool):
+        """`prefill`, and also score the chunk: position t of `ids` predicts targets[t].
+
+        targets: the prompt tokens that follow each position of this chunk (one fewer than
+        `ids` on a prompt's last chunk, whose last position predicts the first generated
+        token). Returns (logits [vocab] float32 or None as `prefill`, (logprobs [k] float32,
+        greedy [k] bool, top (values [k, top], ids [k, top]) or None)), k = len(targets):
+        the same function of the same hidden states as `score`, one chunk at a time.
+        """
+        x = torch.tensor([ids], dtype=torch.long, device=self.model.device)
+        h, _ = self.model.hidden_states(x, kv_cache=self.cache.rows([slot]))
+        if targets:
+            y = torch.tensor(targets, dtype=torch.long, device=self.model.device)
+            scores = head_logprobs(h[0, :len(targets)], self.model.lm_head, y, 1.0, top)
+        else:  # a one-token last chunk: nothing of the prompt follows it
+            scores = (torch.empty(0), torch.empty(0, dtype=torch.bool),
+                      (torch.empty(0, top), torch.empty(0, top, dtype=torch.long)) if top else None)
+        logits = self.model.lm_head(h[0, -1]).float() if want_logits else None
+        return logits, scores
+
+    @torch.inference_mode()
     def decode(self, slots: list[int], tokens: list[int]) -> Logits:
         """Feed one token to each slot; return the logits [len(slots), vocab] float32."""
         device = self.model.device

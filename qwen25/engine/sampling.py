@@ -51,6 +51,10 @@ class SamplingParams:
     seed: int | None = None  # sample i of a request uses seed + i
     logprobs: int = 0  # how many top alternatives to report per token, 0..20
     n: int = 1  # independent samples sharing one prefill
+    # Score the prompt as it is prefilled: log p of every prompt token after the first, with
+    # this many best alternatives per position (0..20); None: no prompt scoring. With it,
+    # max_new_tokens may be 0 (score only: /v1/completions with echo and max_tokens 0).
+    prompt_logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -61,8 +65,13 @@ class SamplingParams:
         def bad(msg: str) -> UserError:
             return UserError(f"invalid sampling parameter: {msg}")
 
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
-            raise bad(f"max_new_tokens={self.max_new_tokens!r} must be an integer >= 1")
+        least = 0 if self.prompt_logprobs is not None else 1
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < least:
+            raise bad(f"max_new_tokens={self.max_new_tokens!r} must be an integer >= 1 "
+                      "(0 only with prompt_logprobs, to score the prompt)")
+        if self.prompt_logprobs is not None and (not _is_int(self.prompt_logprobs)
+                                                 or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS):
+            raise bad(f"prompt_logprobs={self.prompt_logprobs!r} must be None or an integer in [0, {MAX_LOGPROBS}]")
         if not _finite(self.temperature) or self.temperature < 0:
             raise bad(f"temperature={self.temperature!r} must be >= 0 (0 means greedy)")
         if not _finite(self.top_p) or not 0 < self.top_p <= 1:

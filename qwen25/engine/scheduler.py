@@ -13,6 +13,10 @@ other threads may `add()` and `cancel()` at any time. Each step
    a request is admitted when it gets a free slot for each of its n samples, its prompt is
    prefilled once into the first slot and copied to the others, and each sample's first
    token is drawn from the prompt's last logits;
+   a request with `prompt_logprobs` is scored by the same chunks (each chunk's hidden
+   states also go through the lm_head), so scoring a long prompt is interleaved with decode
+   steps and a cancel stops it between chunks; with max_new_tokens 0 it takes one slot and
+   ends ("length", no tokens) when its last chunk is scored;
 4. returns a `StepOutput` for every token produced, with `finish_reason` set on the last
    token of a sample ("stop": a stop token, which is included; "length": max_new_tokens or
    the context limit).
@@ -37,6 +41,23 @@ from qwen25.engine.runner import Logits, ModelRunner
 from qwen25.engine.sampling import SamplingParams, sample_row, sampled_logprob
 from qwen25.errors import UserError
 from qwen25.model.logprobs import logsumexp_fp32, token_logprobs, top_logprobs
+
+
+@dataclass(frozen=True)
+class Score:
+    """Log-probabilities of given tokens, each conditioned on everything before it."""
+
+    logprobs: list[float]  # log p(tokens[t] | what precedes it), raw distribution (temperature 1)
+    greedy: list[bool]  # whether tokens[t] is the argmax at its step
+    top_logprobs: list[list[tuple[int, float]]] | None  # best (id, logprob) pairs per step
+
+    @property
+    def total(self) -> float:
+        return float(sum(self.logprobs))
+
+    @property
+    def is_greedy(self) -> bool:
+        return all(self.greedy)
 
 
 @dataclass
@@ -71,6 +92,15 @@ class Request:
         self.outputs = [Completion(i, top_logprobs=[] if params.logprobs else None) for i in range(params.n)]
         self._progress = 0  # prompt tokens prefilled so far
         self._seqs: list[_Seq] = []
+        # params.prompt_logprobs: log p of prompt[1:], filled chunk by chunk; `prompt_score`
+        # is set once the whole prompt is scored (before the first generated token).
+        self.prompt_score: Score | None = None
+        self._scored: list[tuple[torch.Tensor, torch.Tensor, tuple | None]] = []
+
+    @property
+    def slots_needed(self) -> int:
+        """Cache slots this request holds while it runs: one per sample, one to score only."""
+        return 1 if self.params.max_new_tokens == 0 else self.params.n
 
     @property
     def finished(self) -> bool:
@@ -136,7 +166,7 @@ class Scheduler:
         """Validate and queue a request; returns its handle. Raises UserError on bad input."""
         prompt = self._check_prompt(prompt)
         params.validate(self.vocab_size)
-        if params.n > self.runner.cache.slots:
+        if params.n > self.runner.cache.slots and params.max_new_tokens > 0:
             raise UserError(f"n={params.n} samples need as many cache slots, but the engine has "
                             f"max_batch_size={self.runner.cache.slots}; lower n or raise max_batch_size")
         stop = self.default_stop_ids if params.stop_token_ids is None else frozenset(params.stop_token_ids)
@@ -222,10 +252,10 @@ class Scheduler:
         while budget > 0 and self._waiting:
             request = self._waiting[0]
             if not request._seqs:  # admit: one slot per sample, or wait for slots to free up
-                if len(self._free) < request.params.n:
+                if len(self._free) < request.slots_needed:
                     break
                 request._seqs = [_Seq(request, i, self._free.pop(0), self.vocab_size)
-                                 for i in range(request.params.n)]
+                                 for i in range(request.slots_needed)]
             first = request._seqs[0]
             # Chunk boundaries sit at multiples of prefill_chunk from the prompt's start, never
             # where another prompt happened to leave the budget: a prompt prefilled in other
@@ -238,10 +268,27 @@ class Scheduler:
             request._progress += len(chunk)
             budget -= len(chunk)
             done = request._progress == len(request.prompt)
-            logits = self.runner.prefill(first.slot, chunk, want_logits=done)
+            generate = request.params.max_new_tokens > 0
+            if request.params.prompt_logprobs is None:
+                logits = self.runner.prefill(first.slot, chunk, want_logits=done)
+            else:
+                # position start + t predicts prompt token start + t + 1 (known even past this chunk)
+                targets = request.prompt[start + 1:start + len(chunk) + 1]
+                logits, scores = self.runner.prefill_scored(first.slot, chunk, targets, request.params.prompt_logprobs,
+                                                            want_logits=done and generate)
+                request._scored.append(scores)
+                if done:
+                    request.prompt_score = _join_scores(request._scored, request.params.prompt_logprobs)
+                    request._scored = []
             if not done:
                 break  # the budget is spent mid-prompt; continue at the next step
             self._waiting.popleft()
+            if not generate:  # scored only: nothing to sample, the slot is free again
+                for c in request.outputs:
+                    c.finish_reason = "length"
+                self._release(first)
+                request._seqs = []
+                continue
             for seq in request._seqs[1:]:
                 self.runner.cache.copy_slot(first.slot, seq.slot)
             seqs = list(request._seqs)
@@ -310,3 +357,15 @@ class Scheduler:
             if tokens[i] is None:
                 tokens[i] = sample_row(logits[i], seq.request.params, seq.generator, seq.seen, seq.counts)
         return tokens
+
+
+def _join_scores(parts: list[tuple[torch.Tensor, torch.Tensor, tuple | None]], top: int) -> Score:
+    """One Score from the per-chunk (logprobs, greedy, top) of `ModelRunner.prefill_scored`."""
+    lps = torch.cat([p[0] for p in parts]).tolist()
+    greedy = torch.cat([p[1] for p in parts]).tolist()
+    alts = None
+    if top:
+        values = torch.cat([p[2][0] for p in parts]).tolist()
+        ids = torch.cat([p[2][1] for p in parts]).tolist()
+        alts = [list(zip(i, v)) for i, v in zip(ids, values)]
+    return Score(lps, greedy, alts)

@@ -19,12 +19,17 @@ tokenizer routes run in a worker thread (the event loop keeps serving streams me
 /tokenize takes at most the body limit, /detokenize at most MAX_DETOKENIZE ids.
 
 Shutdown: on SIGTERM the server stops accepting connections, answers 503 to requests that
-still arrive on open connections, lets running requests finish (up to `shutdown_timeout`
-seconds, then cancels them), stops the engine thread and exits with status 0.
+still arrive on open connections, lets running requests finish for up to `shutdown_timeout`
+seconds, stops the engine thread and exits with status 0. Requests still running at the
+timeout are failed by the engine thread, not cut by uvicorn: a stream gets an error event
+(503 `shutting_down`) and `data: [DONE]`, a non-streaming request the 503 JSON error body.
+Only a response that cannot be written even then (a client that stops reading) is cancelled
+by uvicorn, ABORT_GRACE_S later.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import signal
@@ -51,6 +56,7 @@ from qwen25.serve.state import ServerState, check_accepting
 log = logging.getLogger("qwen25.serve")
 MAX_DETOKENIZE = 1 << 20  # ids per /detokenize request (a decode of 2M ids takes about a second)
 KEYED_ROUTES = ("/tokenize", "/detokenize")  # outside /v1 but keyed (see the module docstring)
+ABORT_GRACE_S = 5.0  # after aborting at the shutdown timeout: time to send the error bodies
 ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/version", "/metrics",
           "/tokenize", "/detokenize", "/tokenizer_info")
 
@@ -300,24 +306,49 @@ class _Gate:
 # ---- running it ---------------------------------------------------------------------------
 
 
-def run(state: ServerState, host: str = "127.0.0.1", port: int = 8000, shutdown_timeout: float = 30.0,
-        log_level: str = "info") -> None:
-    """Serve until SIGTERM/SIGINT; then drain (see the module docstring) and return."""
+def build_server(state: ServerState, host: str = "127.0.0.1", port: int = 8000, shutdown_timeout: float = 30.0,
+                 log_level: str = "info"):
+    """A uvicorn.Server for `state` with the shutdown of the module docstring: draining at
+    the exit signal, and at `shutdown_timeout` every running request failed with a 503
+    that reaches its client (error event + [DONE], or the JSON error body)."""
     import uvicorn
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
-            state.draining = True
+            state.draining = True  # at once, before uvicorn's loop notices the signal
             super().handle_exit(sig, frame)
 
+        async def shutdown(self, sockets=None):
+            state.draining = True  # also when the exit came from should_exit, not a signal
+            timer = asyncio.get_running_loop().call_later(shutdown_timeout, _abort_running)
+            try:
+                await super().shutdown(sockets)
+            finally:
+                timer.cancel()
+
+    def _abort_running() -> None:
+        running, waiting = state.worker.counts()
+        log.warning("shutdown timeout (%.1f s) reached: aborting %d running and %d waiting requests",
+                    shutdown_timeout, running, waiting)
+        state.worker.abort(APIError(503, f"The server shut down before the request finished (it waited "
+                                         f"{shutdown_timeout:g} s for running requests).", code="shutting_down"))
+
+    # uvicorn's own timeout comes later: by then the aborted requests have sent their errors
     config = uvicorn.Config(create_app(state), host=host, port=port, log_level=log_level,
-                            timeout_graceful_shutdown=shutdown_timeout, access_log=log_level == "debug")
+                            timeout_graceful_shutdown=shutdown_timeout + ABORT_GRACE_S,
+                            access_log=log_level == "debug")
+    return Server(config)
+
+
+def run(state: ServerState, host: str = "127.0.0.1", port: int = 8000, shutdown_timeout: float = 30.0,
+        log_level: str = "info") -> None:
+    """Serve until SIGTERM/SIGINT; then drain (see the module docstring) and return."""
+    server = build_server(state, host, port, shutdown_timeout, log_level)
     # uvicorn re-raises the signal it caught once it has shut down; with these handlers in
     # place that re-raise is a no-op, so a SIGTERM ends the process with status 0.
     previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        Server(config).run()
+        server.run()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-

@@ -17,9 +17,14 @@ an answer from `token_logprobs[ctxlen:-1]` of a one-token completion, whatever t
 A job is one HTTP request: one or more prompts (a completions request may list several),
 each decoded into n samples. Its choices are numbered prompt-major (choice = prompt * n +
 sample). What a job's queue receives, in order:
-- `PromptScores` per prompt when echo logprobs were asked for (computed between steps);
+- `PromptScores` per prompt when echo logprobs were asked for: the engine scores the prompt
+  chunk by chunk as it prefills it (`SamplingParams.prompt_logprobs`), between decode steps
+  of the other requests, so a 30K-token scoring request delays running streams by one chunk
+  at a time and is cancelled like any other request when its client hangs up; the scores
+  arrive before the prompt's first SampleUpdate;
 - lists of `SampleUpdate` (new text and tokens of one choice; finish_reason on its last);
-- or a single `JobFailed` if the request could not be run.
+- or a single `JobFailed` if the request could not be run, or was aborted (`abort`: the
+  server's shutdown timeout passed).
 
 Counting: a job is "waiting" from submission to its first token (queued for a slot or being
 prefilled) and "running" from then until every choice has finished. `max_queue` bounds the
@@ -34,11 +39,11 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from qwen25.engine import Engine, SamplingParams
 from qwen25.engine.dispatch import Dispatcher, Submission, TextEvent
-from qwen25.engine.engine import Score
+from qwen25.engine.scheduler import Score
 from qwen25.serve.errors import APIError, error_from_exception, queue_full
 from qwen25.serve.metrics import Metrics
 
@@ -97,6 +102,7 @@ class Job:
     finished: bool = False
     submissions: list[Submission] = field(default_factory=list)  # one per prompt
     _done: list[bool] = field(default_factory=list)
+    _scores_sent: list[bool] = field(default_factory=list)  # per prompt: PromptScores sent
     _counts: list[int] = field(default_factory=list)
     _cancelled: bool = False
 
@@ -119,6 +125,7 @@ class EngineWorker:
         self._jobs: dict[int, Job] = {}  # accepted and unfinished, by job id
         self.dispatcher = Dispatcher(engine, tokenizer)  # used on the engine thread only
         self._stopping = False
+        self._abort: APIError | None = None  # set by abort(): fail every job with it
         self._thread: threading.Thread | None = None
         self.fatal: BaseException | None = None  # set if the thread died
 
@@ -160,6 +167,13 @@ class EngineWorker:
             self._inbox.append(job)
             self._cond.notify()
 
+    def abort(self, error: APIError) -> None:
+        """Fail every accepted job with `error` (the shutdown timeout passed): each client gets
+        it as an error event or error body, and the engine drops the jobs' work."""
+        with self._cond:
+            self._abort = error
+            self._cond.notify()
+
     def cancel(self, job: Job) -> None:
         """Stop `job` (its client went away); frees its slots at the next step."""
         if job.finished:
@@ -174,13 +188,19 @@ class EngineWorker:
         try:
             while True:
                 with self._cond:
-                    while not (self._stopping or self._inbox or self._cancels or self.engine.has_work
-                                or self.dispatcher.active):
+                    while not (self._stopping or self._abort or self._inbox or self._cancels
+                               or self.engine.has_work or self.dispatcher.active):
                         self._cond.wait()
                     if self._stopping:
                         break
-                    inbox, self._inbox = list(self._inbox), deque()
-                    cancels, self._cancels = self._cancels, []
+                    abort, self._abort = self._abort, None
+                    if abort is None:
+                        inbox, self._inbox = list(self._inbox), deque()
+                        cancels, self._cancels = self._cancels, []
+                if abort is not None:  # the inbox too: _fail_all takes it
+                    self._fail_all(abort)
+                    self.dispatcher.route()  # collect the cancellations
+                    continue
                 for job in inbox:
                     self._start(job)
                 for job in cancels:  # after starting: a job may be cancelled before its first step
@@ -206,20 +226,19 @@ class EngineWorker:
             self._jobs[job.id] = job
         job._done = [False] * job.choices
         job._counts = [0] * job.choices
+        job._scores_sent = [False] * len(job.prompts)
         try:
-            if job.prompt_logprobs is not None:
-                for i, prompt in enumerate(job.prompts):
-                    score = None
-                    if len(prompt) > 1:
-                        score = self.engine.score(prompt[:1], prompt[1:], top_logprobs=job.prompt_logprobs)
-                    self._send(job, PromptScores(i, score))
-            if job.score_only:
+            if job.score_only and job.prompt_logprobs is None:  # echo of the prompt only: no work
                 job.first_token_at = time.perf_counter()
                 self._send(job, [SampleUpdate(c, "", [], "length") for c in range(job.choices)])
                 job._done = [True] * job.choices
                 return
+            params = job.params
+            if job.prompt_logprobs is not None:
+                params = replace(params, prompt_logprobs=job.prompt_logprobs,
+                                 max_new_tokens=0 if job.score_only else params.max_new_tokens)
             for i, prompt in enumerate(job.prompts):
-                job.submissions.append(self.dispatcher.submit(prompt, job.params, job.stop, job.skip_special_tokens,
+                job.submissions.append(self.dispatcher.submit(prompt, params, job.stop, job.skip_special_tokens,
                                                               tag=(job, i)))
         except Exception as e:  # UserError from the engine: 400; anything else: 500
             self._fail(job, error_from_exception(e))
@@ -232,6 +251,11 @@ class EngineWorker:
             c = p * job.params.n + ev.index
             if job._done[c] or ev.finish_reason == "cancelled":
                 continue  # cancelled: the client is gone; _reap counts the job as aborted
+            if job.prompt_logprobs is not None and not job._scores_sent[p]:
+                # sent at once, so it precedes this step's updates (sent below, per job)
+                job._scores_sent[p] = True
+                score = ev.submission.prompt_score if len(job.prompts[p]) > 1 else None
+                self._send(job, PromptScores(p, score))
             if job.first_token_at is None:
                 job.first_token_at = now
                 self.metrics.observe_first_token(now - job.submitted_at)
