@@ -256,3 +256,20 @@ def test_grpo_runs_with_verifier_plus_reward_model(chat_checkpoint, reward_folde
 def test_a_missing_reward_model_folder_is_one_line(chat_checkpoint, tmp_path):
     with pytest.raises(UserError, match="rm:.*not a folder"):
         grpo(_cfg(chat_checkpoint, tmp_path / "run", reward=f"math_latex,rm:{tmp_path / 'nope'}"))
+
+
+def test_instruction_queries_and_the_ifeval_reward():
+    """'instructions' queries carry their constraints; the ifeval reward is the IFEval
+    checkers' strict verdict and math_answer reads the reply's "So the answer is N."."""
+    from qwen25.data.sft_builtin import instruction_row
+    from qwen25.train.grpo_queries import INSTRUCTIONS_OFFSET
+
+    rewards = rewards_mod.parse_reward_spec("ifeval,math_answer:0.5")
+    for i in range(10):
+        ex = query("instructions", i)
+        row = instruction_row("train", INSTRUCTIONS_OFFSET + i)
+        assert ex.messages[0]["content"] == row["messages"][0]["content"]
+        total, parts = rewards_mod.total_reward(rewards, "", row["messages"][1]["content"], ex)
+        assert parts == {"ifeval": 1.0, "math_answer": 1.0} and total == 1.5
+        wrong = rewards_mod.total_reward(rewards, "", "NO, The Answer Is 0.", ex)[1]
+        assert wrong["ifeval"] == 0.0 and wrong["math_answer"] == float(str(ex.target) == "0")

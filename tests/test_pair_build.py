@@ -12,8 +12,8 @@ import pytest
 from preference_support import lm_folder, train_small_tokenizer
 from qwen25.cli import main
 from qwen25.data import mathgen
-from qwen25.data.pair_build import (BuildStats, final_number, mathgen_mc_rows, mathgen_queries, mc_pair,
-                                    sampled_pairs)
+from qwen25.data.pair_build import (BuildStats, final_number, instruction_queries, mathgen_mc_rows,
+                                    mathgen_queries, mc_pair, sampled_pairs)
 from qwen25.data.preference import load_pairs
 
 
@@ -84,6 +84,33 @@ def test_queries_come_from_the_training_split_only():
     assert all(r["id"].startswith("math-train-") for r in rows)
 
 
+def test_instruction_queries_are_judged_by_the_ifeval_checkers():
+    """The judge of an instruction prompt is if-verifiable's IFEval verdict (the reference
+    library, called here directly): the built-in reply passes, the same reply with its
+    constraints undone fails; prompts lie past the SFT rows' indices."""
+    from if_verifiable.common import evaluate_instructions
+    from if_verifiable.ifeval.instructions_registry import INSTRUCTION_DICT
+
+    from qwen25.data.sft_builtin import instruction_row
+
+    qs = list(instruction_queries(40, offset=100_000))
+    assert all(int(q.id.rsplit("-", 1)[1]) >= 200_000 for q in qs)
+    verdicts = []
+    for q in qs:
+        i = int(q.id.rsplit("-", 1)[1])
+        row = instruction_row("train", i)
+        good = row["messages"][1]["content"]
+        p = mathgen.problem("train", i)
+        plain = f"{p['solution']}, So The Answer Is {p['answer']}."  # capitals, a comma, no wrapper/ending
+        for text in (good, plain):
+            _, ref = evaluate_instructions(text, row["instruction_id_list"], row["kwargs"], q.messages[0]["content"],
+                                           INSTRUCTION_DICT)
+            assert q.judge(text) == float(ref.binary_strict)
+            verdicts.append(q.judge(text))
+        assert q.judge(good) == 1.0
+    assert 0 in verdicts  # the plain reply breaks constraints
+
+
 def test_multiple_choice_pairs_are_correct_vs_distractor():
     row = {"id": "q1", "question": "2+2?", "choices": ["3", "4", "5"], "answer": 1}
     p = mc_pair(row, seed=0)
@@ -100,11 +127,12 @@ def test_cli_build_on_the_real_engine_writes_loadable_pairs(tok, tmp_path):
     mc = tmp_path / "mc.jsonl"
     mc.write_text(json.dumps({"question": "Sky colour?", "choices": ["green", "blue"], "answer": "B"}) + "\n")
     out = tmp_path / "pairs.jsonl"
-    code = main(["pairs", "build", "--model", str(sft), "--tasks", "mathgen", "mathgen-mc", str(mc),
+    code = main(["pairs", "build", "--model", str(sft), "--tasks", "mathgen", "instructions", "mathgen-mc", str(mc),
                  "--queries", "3", "--samples", "2", "--max-new-tokens", "4", "--out", str(out)])
     assert code == 0
     stats = json.loads((tmp_path / "pairs.jsonl.stats.json").read_text())
-    assert stats["queries"] == 3 and stats["samples"] == 6
+    assert stats["queries"] == 6 and stats["samples"] == 12
+    assert {k: v[1] for k, v in stats["sampled_by_source"].items()} == {"mathgen": 6, "instructions": 6}
     assert stats["by_source"]["mathgen-mc"] == 3 and stats["by_source"][str(mc)] == 1
     pairs, pstats = load_pairs(out, tok)
     assert len(pairs) == stats["pairs"] and not pstats.dropped

@@ -20,6 +20,10 @@ Sources (all from *training* splits, never from an evaluated set):
   indices from `query_offset` on, past the ones the built-in SFT data uses; the judge reads
   the final `\\boxed{N}` or else the last number (as the SFT data and the evaluation's
   synthetic-math scorer write and read it) and compares it with the computed answer.
+- `instructions`: built-in instruction-following prompts (a training-family problem plus
+  one or two IFEval constraints, `qwen25.data.sft_builtin.instruction_row`, indices from
+  `query_offset` + 100,000 on, past the SFT rows'); the judge is the IFEval checkers of the
+  prompt's constraints (strict: every constraint holds), the evaluation's scorer.
 - `mathgen-mc`: the same problems as four-way multiple choice (the answer and three nearby
   distractors); chosen is the correct option, rejected a distractor. No sampling needed.
 - a jsonl of `{question, choices, answer}` rows (`mc_rows_from_file`): the same for any
@@ -41,7 +45,8 @@ from qwen25.errors import UserError
 from qwen25.files import atomic_write
 
 LETTERS = "ABCDEFGH"
-SOURCES = ("mathgen", "mathgen-mc")
+SOURCES = ("mathgen", "instructions", "mathgen-mc")
+SAMPLED = ("mathgen", "instructions")  # sources whose pairs come from the model's own samples
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,7 @@ class BuildStats:
     samples: int = 0
     passed: int = 0
     by_source: dict = field(default_factory=dict)
+    sampled_by_source: dict = field(default_factory=dict)  # source -> [answers passed, answers sampled]
 
     def as_dict(self) -> dict:
         return dict(self.__dict__) | {"pass_rate": self.passed / self.samples if self.samples else None}
@@ -99,6 +105,18 @@ def mathgen_queries(n: int, offset: int) -> Iterator[Query]:
     for i in range(offset, offset + n):
         p = mathgen.problem("train", i)
         yield Query(p["id"], [{"role": "user", "content": p["question"]}], number_judge(p["answer"]), p["answer"])
+
+
+def instruction_queries(n: int, offset: int) -> Iterator[Query]:
+    from qwen25.data.sft_builtin import instruction_row
+    from qwen25.eval.tasks.ifbench import score_ifeval
+
+    for i in range(offset + 100_000, offset + 100_000 + n):
+        row = instruction_row("train", i)
+        prompt = row["messages"][0]["content"]
+        doc = {"instruction_id_list": row["instruction_id_list"], "kwargs": row["kwargs"], "prompt": prompt}
+        yield Query(row["id"], [{"role": "user", "content": prompt}],
+                    lambda text, doc=doc: score_ifeval(text, doc), row["instruction_id_list"])
 
 
 def mathgen_mc_rows(n: int, offset: int, seed: int) -> Iterator[dict]:
@@ -178,6 +196,9 @@ def sampled_pairs(engine, tokenizer, queries: list[Query], *, samples: int, temp
             stats.queries += 1
             stats.samples += len(texts)
             stats.passed += sum(s >= 1.0 for s in scores)
+            counts = stats.sampled_by_source.setdefault(source, [0, 0])
+            counts[0] += sum(s >= 1.0 for s in scores)
+            counts[1] += len(texts)
             good = [t for t, s in zip(texts, scores) if s >= 1.0 and t]
             bad = [t for t, s in zip(texts, scores) if s < 1.0 and t]
             if not bad:
@@ -213,7 +234,7 @@ def sampled_pairs(engine, tokenizer, queries: list[Query], *, samples: int, temp
 class BuildConfig:
     model: str = ""  # SFT checkpoint folder whose answers are sampled
     out: str = ""  # pairs .jsonl written (a stats .json beside it)
-    tasks: tuple[str, ...] = ("mathgen",)  # sources: mathgen, mathgen-mc, or paths of {question, choices, answer} jsonl
+    tasks: tuple[str, ...] = ("mathgen",)  # sources: mathgen, instructions, mathgen-mc, or paths of {question, choices, answer} jsonl
     queries: int = 64  # queries per sampled source (mathgen), rows per multiple-choice source
     samples: int = 8  # K answers sampled per query
     temperature: float = 1.0  # sampling temperature
@@ -241,7 +262,7 @@ def build(cfg: BuildConfig) -> dict:
                             "{question, choices, answer} rows")
     stats = BuildStats()
     rows: list[dict] = []
-    sampled = [t for t in cfg.tasks if t == "mathgen"]
+    sampled = [t for t in cfg.tasks if t in SAMPLED]
     if sampled:
         from qwen25.checkpoint import load_model
         from qwen25.engine import Engine
@@ -249,18 +270,21 @@ def build(cfg: BuildConfig) -> dict:
 
         model = load_model(cfg.model)
         tok = load_tokenizer(cfg.tokenizer or cfg.model)
-        queries = list(mathgen_queries(cfg.queries, cfg.query_offset))
-        longest = max(len(tok.apply_chat_template(q.messages, add_generation_prompt=True)) for q in queries)
+        make = {"mathgen": mathgen_queries, "instructions": instruction_queries}
+        by_source = {t: list(make[t](cfg.queries, cfg.query_offset)) for t in sampled}
+        longest = max(len(tok.apply_chat_template(q.messages, add_generation_prompt=True))
+                      for qs in by_source.values() for q in qs)
         engine = Engine(model, max_batch_size=cfg.batch_size * cfg.samples,
                         max_seq_len=longest + cfg.max_new_tokens + 1, hugepages=False)
-        with tqdm(total=len(queries), unit="query", desc="sampling") as bar:
-            rows += list(sampled_pairs(engine, tok, queries, samples=cfg.samples, temperature=cfg.temperature,
-                                       top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
-                                       pairs_per_query=cfg.pairs_per_query, source="mathgen",
-                                       model=str(Path(cfg.model).resolve()), stats=stats,
-                                       progress=bar.update, chunk=cfg.batch_size))
+        for t, queries in by_source.items():
+            with tqdm(total=len(queries), unit="query", desc=f"sampling {t}") as bar:
+                rows += list(sampled_pairs(engine, tok, queries, samples=cfg.samples, temperature=cfg.temperature,
+                                           top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
+                                           pairs_per_query=cfg.pairs_per_query, source=t,
+                                           model=str(Path(cfg.model).resolve()), stats=stats,
+                                           progress=bar.update, chunk=cfg.batch_size))
     for t in cfg.tasks:
-        if t == "mathgen":
+        if t in SAMPLED:
             continue
         source = mathgen_mc_rows(cfg.queries, cfg.query_offset, cfg.seed) if t == "mathgen-mc" else mc_rows_from_file(t)
         for row in source:

@@ -114,7 +114,7 @@ def instruction_row(split: str, i: int) -> dict:
     for cid, kw in zip(chosen, kwargs):
         text = _apply(cid, text, kw)
     prompt = f"{p['question']} {' '.join(asks)}"
-    return {"id": f"if-{split}-{i}", "kind": "instructions", "instruction_id_list": chosen, "kwargs": kwargs,
+    return {"id": f"if-{split}-{i}", "kind": "instructions", "answer": p["answer"], "instruction_id_list": chosen, "kwargs": kwargs,
             "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": text}]}
 
 

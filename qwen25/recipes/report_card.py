@@ -89,13 +89,12 @@ def _boxed_number(text: str) -> bool:
 
 def _ifeval_pass(reply: str, row: dict) -> float | None:
     try:
-        from if_verifiable.common import evaluate_instructions
-        from if_verifiable.ifeval.instructions_registry import INSTRUCTION_DICT
-    except ImportError:  # a test extra: without it the column says n/a
+        from qwen25.eval.tasks.ifbench import score_ifeval
+
+        return score_ifeval(reply, {"instruction_id_list": row["instruction_id_list"], "kwargs": row["kwargs"],
+                                    "prompt": row["messages"][0]["content"]})
+    except ImportError:  # if-verifiable is a test extra: without it the column says n/a
         return None
-    _, s = evaluate_instructions(reply, row["instruction_id_list"], row["kwargs"], row["messages"][0]["content"],
-                                 INSTRUCTION_DICT)
-    return float(s.binary_strict)
 
 
 def _generate(model, tok, prompts: list[list[int]], max_new_tokens: int) -> list[tuple[str, str | None]]:
@@ -205,7 +204,7 @@ def card_markdown(card: dict[str, dict]) -> list[str]:
 
 def gains(card: dict[str, dict]) -> list[str]:
     """Plain sentences: what each stage bought on the metric it targets (or that it did not)."""
-    targets = {"sft": ("base", "format"), "dpo": ("sft", "math_seen"), "grpo": ("dpo", "math_seen")}
+    targets = {"sft": ("base", "format"), "dpo": ("sft", "ifeval"), "grpo": ("dpo", "ifeval")}
     out = []
     for stage, (before, metric) in targets.items():
         a, b = card.get(before, {}).get(metric), card.get(stage, {}).get(metric)

@@ -10,6 +10,10 @@ never evaluated:
 - "synth_math_chat": the same training families asked as the built-in SFT conversations
   ask them (the bare question; the SFT replies end "The final answer is $\\boxed{N}$",
   which the "math_latex" reward reads), for a model fine-tuned on `qwen25 sft --data builtin`;
+- "instructions": built-in instruction-following prompts (a training-family word problem
+  plus one or two IFEval constraints, `qwen25.data.sft_builtin.instruction_row`, indices
+  past the SFT rows'); the "ifeval" reward checks the constraints, "math_answer" the
+  "So the answer is N." the SFT replies end with;
 - "arithmetic": seeded two- and three-digit sums, differences and products, asked the same
   way (a task a small instruct model half-solves, so rewards vary within a group).
 
@@ -45,6 +49,19 @@ def _synth_math_chat(i: int) -> GenExample:
                       messages=({"role": "user", "content": p["question"]},), target=str(p["answer"]), doc=p)
 
 
+INSTRUCTIONS_OFFSET = 300_000  # past the SFT rows (100,000 + n) and the pair queries (200,000 + n)
+
+
+def _instructions(i: int) -> GenExample:
+    from qwen25.data import sft_builtin
+
+    row = sft_builtin.instruction_row("train", INSTRUCTIONS_OFFSET + i)
+    prompt = row["messages"][0]["content"]
+    return GenExample(id=f"instructions/{i}", prompt=prompt, messages=({"role": "user", "content": prompt},),
+                      target=str(row["answer"]), doc={"instruction_id_list": row["instruction_id_list"],
+                                                      "kwargs": row["kwargs"], "prompt": prompt})
+
+
 def _arithmetic(i: int) -> GenExample:
     r = random.Random(f"arithmetic:{i}")
     op = r.choice("+-*")
@@ -58,7 +75,8 @@ def _arithmetic(i: int) -> GenExample:
                       target=answer, doc={"a": a, "b": b, "op": op})
 
 
-QUERY_SETS = {"synth_math": _synth_math, "synth_math_chat": _synth_math_chat, "arithmetic": _arithmetic}
+QUERY_SETS = {"synth_math": _synth_math, "synth_math_chat": _synth_math_chat, "instructions": _instructions,
+              "arithmetic": _arithmetic}
 
 
 def query(name: str, i: int) -> GenExample:

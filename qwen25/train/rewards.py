@@ -57,6 +57,12 @@ def _ifbench(prompt: str, completion: str, example) -> float:
     return float(score_ifbench(completion, example)["prompt_strict"])
 
 
+def _ifeval(prompt: str, completion: str, example) -> float:
+    from qwen25.eval.tasks.ifbench import score_ifeval
+
+    return score_ifeval(completion, example.doc)
+
+
 def _humaneval(prompt: str, completion: str, example) -> float:
     from qwen25.eval.tasks.code import score_humaneval
 
@@ -75,6 +81,7 @@ BUILTIN: dict[str, tuple[RewardFn, str]] = {
     "format": (_format, "an answer is stated as 'The answer is N.' (0/1)"),
     "math_latex": (_latex, "MATH: the last \\boxed{} equals the target (0/1)"),
     "ifbench": (_ifbench, "IFBench instruction checkers, strict prompt-level (0/1)"),
+    "ifeval": (_ifeval, "IFEval checkers of the query's constraints (the 'instructions' queries), strict (0/1)"),
     "humaneval": (_humaneval, "HumanEval tests pass in the sandbox (0/1)"),
     "mbpp": (_mbpp, "MBPP asserts pass in the sandbox (0/1)"),
 }

@@ -32,6 +32,20 @@ def score_ifbench(completion: str, example: GenExample) -> dict[str, float]:
             "instruction_strict": s.partial_strict, "instruction_loose": s.partial_loose}
 
 
+def score_ifeval(completion: str, doc: dict) -> float:
+    """1.0 when `completion` satisfies every IFEval constraint of `doc` (strict, prompt level).
+
+    For prompts built with IFEval's catalogue (the built-in SFT instruction rows, and the
+    queries RL samples from them): `doc` holds "instruction_id_list", "kwargs", "prompt"."""
+    from if_verifiable.common import evaluate_instructions
+    from if_verifiable.ifeval.instructions_registry import INSTRUCTION_DICT
+
+    _, s = evaluate_instructions(response=completion, instruction_id_list=doc["instruction_id_list"],
+                                 kwargs_list=doc["kwargs"], prompt=doc["prompt"],
+                                 instruction_registry=INSTRUCTION_DICT)
+    return float(s.binary_strict)
+
+
 def _ifbench(k: int) -> list[GenExample]:
     return [GenExample(id=f"ifbench/{row['key']}", prompt=row["prompt"], messages=user_message(row["prompt"]),
                        target=tuple(row["instruction_id_list"]), max_new_tokens=512, doc=row)
