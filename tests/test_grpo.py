@@ -273,3 +273,25 @@ def test_instruction_queries_and_the_ifeval_reward():
         assert parts == {"ifeval": 1.0, "math_answer": 1.0} and total == 1.5
         wrong = rewards_mod.total_reward(rewards, "", "NO, The Answer Is 0.", ex)[1]
         assert wrong["ifeval"] == 0.0 and wrong["math_answer"] == float(str(ex.target) == "0")
+
+
+def test_chat_mix_alternates_instruction_and_math_queries_each_scored_by_its_own_verifier():
+    from qwen25.eval.tasks.ifbench import score_ifeval
+    from qwen25.eval.tasks.math import score_math, score_number
+
+    rewards = rewards_mod.parse_reward_spec("verifier")
+    kinds = [query("chat_mix", i).id.split("/")[0] for i in range(6)]
+    assert kinds == ["instructions", "synth_math_chat"] * 3
+    replies = ["So the answer is {t}.", "\\boxed{{{t}}}", "nothing", "\"so the answer is {t}.\""]
+    for i in range(8):
+        ex = query("chat_mix", i)
+        for r in replies:
+            text = r.format(t=ex.target)
+            got = rewards_mod.total_reward(rewards, "", text, ex)[0]
+            if ex.id.startswith("instructions/"):  # reference: the two scorers called directly
+                want = score_ifeval(text, ex.doc) + score_number(text, ex)["exact_match_strict"]
+            else:
+                want = score_math(text, ex)["exact_match_strict"]
+            assert got == want, (ex.id, text)
+    with pytest.raises(rewards_mod.RewardError, match="no scorer"):
+        rewards_mod.total_reward(rewards, "", "x", query("arithmetic", 0))

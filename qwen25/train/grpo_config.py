@@ -21,7 +21,7 @@ class GRPOConfig:
     model: str = ""  # starting checkpoint (an SFT folder, or a .gguf file)
     out: str = "runs/grpo"  # run folder: checkpoints/, metrics.jsonl, plots/, final/
     tokenizer: str | None = None  # tokenizer folder (default: the model's own files)
-    queries: str = "synth_math"  # built-in query set (training splits only): synth_math | synth_math_chat | instructions | arithmetic
+    queries: str = "synth_math"  # built-in query set (training splits only): synth_math | synth_math_chat | instructions | chat_mix | arithmetic
     reward: str = "math_answer"  # rewards with weights: "math_answer,format:0.2,rm:DIR:0.5"
     group_size: int = 8  # G: answers sampled per query (the report: 8)
     queries_per_step: int = 4  # queries per rollout (group_size x this = samples per rollout)

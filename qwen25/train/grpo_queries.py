@@ -14,6 +14,9 @@ never evaluated:
   plus one or two IFEval constraints, `qwen25.data.sft_builtin.instruction_row`, indices
   past the SFT rows'); the "ifeval" reward checks the constraints, "math_answer" the
   "So the answer is N." the SFT replies end with;
+- "chat_mix": "instructions" and "synth_math_chat" queries alternating (the speedrun's GRPO
+  mix, so the math answer format is rehearsed while the constraints are learned), scored
+  by the "verifier" reward: each query by its own set's scorer;
 - "arithmetic": seeded two- and three-digit sums, differences and products, asked the same
   way (a task a small instruct model half-solves, so rewards vary within a group).
 
@@ -62,6 +65,13 @@ def _instructions(i: int) -> GenExample:
                                                       "kwargs": row["kwargs"], "prompt": prompt})
 
 
+MIX_MATH_OFFSET = 400_000  # the mix's math queries lie past the SFT rows and the pair queries
+
+
+def _chat_mix(i: int) -> GenExample:
+    return _instructions(i // 2) if i % 2 == 0 else _synth_math_chat(MIX_MATH_OFFSET + i // 2)
+
+
 def _arithmetic(i: int) -> GenExample:
     r = random.Random(f"arithmetic:{i}")
     op = r.choice("+-*")
@@ -76,7 +86,7 @@ def _arithmetic(i: int) -> GenExample:
 
 
 QUERY_SETS = {"synth_math": _synth_math, "synth_math_chat": _synth_math_chat, "instructions": _instructions,
-              "arithmetic": _arithmetic}
+              "chat_mix": _chat_mix, "arithmetic": _arithmetic}
 
 
 def query(name: str, i: int) -> GenExample:

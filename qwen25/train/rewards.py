@@ -63,6 +63,18 @@ def _ifeval(prompt: str, completion: str, example) -> float:
     return score_ifeval(completion, example.doc)
 
 
+def _verifier(prompt: str, completion: str, example) -> float:
+    """The scorer of the query's own built-in set: instruction prompts earn the IFEval verdict
+    plus the stated answer ("So the answer is N."), math prompts the \\boxed{} answer."""
+    kind = example.id.split("/", 1)[0]
+    if kind == "instructions":
+        return _ifeval(prompt, completion, example) + _math_strict(prompt, completion, example)
+    if kind == "synth_math_chat":
+        return _latex(prompt, completion, example)
+    raise ValueError(f"the verifier reward has no scorer for {example.id!r} (use it with --queries chat_mix, "
+                     "instructions or synth_math_chat)")
+
+
 def _humaneval(prompt: str, completion: str, example) -> float:
     from qwen25.eval.tasks.code import score_humaneval
 
@@ -82,6 +94,7 @@ BUILTIN: dict[str, tuple[RewardFn, str]] = {
     "math_latex": (_latex, "MATH: the last \\boxed{} equals the target (0/1)"),
     "ifbench": (_ifbench, "IFBench instruction checkers, strict prompt-level (0/1)"),
     "ifeval": (_ifeval, "IFEval checkers of the query's constraints (the 'instructions' queries), strict (0/1)"),
+    "verifier": (_verifier, "the scorer of the query's own set: instructions 0-2 (IFEval + answer), math 0/1"),
     "humaneval": (_humaneval, "HumanEval tests pass in the sandbox (0/1)"),
     "mbpp": (_mbpp, "MBPP asserts pass in the sandbox (0/1)"),
 }

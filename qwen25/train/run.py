@@ -231,12 +231,12 @@ class Run:
                 self.write(f"step {self.step}: update skipped: {res.skipped}")
             if self.bar is not None:
                 self.bar.update(1)
-                self.bar.set_postfix(loss=f"{res.loss:.3f}", tok_s=f"{meter.tokens_per_s:.0f}",
-                                     mfu=f"{(meter.mfu or 0) * 100:.1f}%", **extra)
+                mfu = {} if meter.mfu is None else {"mfu": f"{meter.mfu * 100:.1f}%"}  # unknown peak: no MFU
+                self.bar.set_postfix(loss=f"{res.loss:.3f}", tok_s=f"{meter.tokens_per_s:.0f}", **mfu, **extra)
             if plain and self.step % s.log_every == 0:
                 where = f" [{label}]" if label else ""
                 print(f"step {self.step}/{self.total_steps}{where} loss {res.loss:.4f} lr {lr:.2e} "
-                      f"{meter.tokens_per_s:.0f} tok/s mfu {(meter.mfu or 0) * 100:.1f}% "
+                      f"{meter.tokens_per_s:.0f} tok/s{'' if meter.mfu is None else f' mfu {meter.mfu * 100:.1f}%'} "
                       f"eta {meter.eta_s(n_steps - self.stage_step) / 60:.1f} min", flush=True)
             end = self.stage_step == n_steps
             if evaluate is not None and (end or (s.eval_every and self.step % s.eval_every == 0)):
