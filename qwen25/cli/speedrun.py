@@ -12,7 +12,7 @@ import argparse
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--profile", default="cpu", help="cpu (about 40 minutes on 2 cores), gpu (one GPU, more tokens) or smoke "
+    p.add_argument("--profile", default="cpu", help="cpu (about 45 minutes on 2 cores), gpu (one GPU, more tokens) or smoke "
                    "(every stage in about two minutes)")
     p.add_argument("--out", default="runs/speedrun", help="the run's folder (default: runs/speedrun)")
     p.add_argument("--started-at", type=float, default=None,

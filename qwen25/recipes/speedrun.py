@@ -15,7 +15,7 @@ newest checkpoint, so re-running the command after an interruption continues whe
 stopped. `timings.json` accumulates the seconds spent in each phase.
 
 Profiles are plain configs: "cpu" gives pretraining 20 minutes on 2 cores (the goal:
-held-out Shakespeare at <= 2.3 bits per byte) and post-training about a quarter of an hour;
+held-out Shakespeare at <= 2.3 bits per byte) and post-training about 20 minutes;
 "gpu" scales the same recipe to one GPU; "smoke" checks every stage in about two minutes.
 """
 
