@@ -85,8 +85,9 @@ GPU = dataclasses.replace(
     CPU,
     sft={**CPU.sft, "builtin_size": 12000, "batch_size": 64, "micro_batch": 8, "precision": "bf16"},
     pairs={**CPU.pairs, "queries": 2048, "batch_size": 32},
-    grpo={**CPU.grpo, "rollouts": 100, "queries_per_step": 16, "max_batch_size": 128},
-    eval_math=500, eval_if=300, notes="Every stage about 4x the CPU profile's data.")
+    grpo={**CPU.grpo, "rollouts": 100, "queries_per_step": 16, "max_batch_size": 128,
+          "device": "cuda"},  # GRPO's device defaults to the CPU; the other stages pick the GPU themselves
+    eval_math=500, eval_if=300, notes="Every stage about 4x the CPU profile's data (not yet run on a GPU).")
 
 SMOKE = PostProfile(
     sft={"seq_len": 512, "batch_size": 8, "micro_batch": 4, "epochs": 1, "steps": 6, "lr": 1e-3,
