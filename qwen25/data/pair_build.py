@@ -108,14 +108,13 @@ def mathgen_queries(n: int, offset: int) -> Iterator[Query]:
 
 
 def instruction_queries(n: int, offset: int) -> Iterator[Query]:
-    from qwen25.data.sft_builtin import instruction_row
+    from qwen25.data.sft_builtin import ifeval_doc, instruction_row
     from qwen25.eval.tasks.ifbench import score_ifeval
 
     for i in range(offset + 100_000, offset + 100_000 + n):
         row = instruction_row("train", i)
-        prompt = row["messages"][0]["content"]
-        doc = {"instruction_id_list": row["instruction_id_list"], "kwargs": row["kwargs"], "prompt": prompt}
-        yield Query(row["id"], [{"role": "user", "content": prompt}],
+        doc = ifeval_doc(row)
+        yield Query(row["id"], [{"role": "user", "content": doc["prompt"]}],
                     lambda text, doc=doc: score_ifeval(text, doc), row["instruction_id_list"])
 
 

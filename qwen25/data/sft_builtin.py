@@ -118,6 +118,12 @@ def instruction_row(split: str, i: int) -> dict:
             "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": text}]}
 
 
+def ifeval_doc(row: dict) -> dict:
+    """What the IFEval checkers read of an instruction row (`score_ifeval`'s `doc`)."""
+    return {"instruction_id_list": row["instruction_id_list"], "kwargs": row["kwargs"],
+            "prompt": row["messages"][0]["content"]}
+
+
 # --------------------------------------------------------------------------------------
 # Tool use (ToolTalk)
 # --------------------------------------------------------------------------------------

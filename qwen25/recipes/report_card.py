@@ -89,10 +89,10 @@ def _boxed_number(text: str) -> bool:
 
 def _ifeval_pass(reply: str, row: dict) -> float | None:
     try:
+        from qwen25.data.sft_builtin import ifeval_doc
         from qwen25.eval.tasks.ifbench import score_ifeval
 
-        return score_ifeval(reply, {"instruction_id_list": row["instruction_id_list"], "kwargs": row["kwargs"],
-                                    "prompt": row["messages"][0]["content"]})
+        return score_ifeval(reply, ifeval_doc(row))
     except ImportError:  # if-verifiable is a test extra: without it the column says n/a
         return None
 
@@ -130,7 +130,7 @@ def _bpb(model, manifest: Path, source: str = "shakespeare", seq_len: int = 256)
 
 @torch.no_grad()
 def evaluate_stage(model_dir: Path, sets: dict[str, list[dict]], instructions: list[dict], *,
-                   manifest: Path, max_new_tokens: int, reward_model: Path | None = None,
+                   manifest: Path, max_new_tokens: int, reward_model=None,
                    base_format: bool = False) -> dict[str, Any]:
     """The card's metrics for one checkpoint folder (model + tokenizer), plus samples."""
     from qwen25.checkpoint import load_model
@@ -153,14 +153,11 @@ def evaluate_stage(model_dir: Path, sets: dict[str, list[dict]], instructions: l
     passes = [_ifeval_pass(text, row) for (text, _), row in zip(if_replies, instructions)]
     res["ifeval"] = None if None in passes else sum(passes) / len(passes)
     res["bpb"] = _bpb(model, manifest)
-    if reward_model is not None:
-        from qwen25.train.reward_score import load_reward_scorer
-
-        scorer = load_reward_scorer(str(reward_model))
+    if reward_model is not None:  # a scorer from `load_reward_scorer`
         scores = []
         for (text, _), p in zip(seen, sets["math_seen"]):
             try:
-                scores.append(scorer("", text, _example(p)))
+                scores.append(reward_model("", text, _example(p)))
             except Exception:  # noqa: BLE001 - an unreadable reply (too long) has no score
                 continue
         res["rm_score"] = sum(scores) / len(scores) if scores else None

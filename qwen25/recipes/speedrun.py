@@ -33,6 +33,7 @@ from typing import Any
 
 from qwen25.errors import UserError
 from qwen25.files import atomic_write
+from qwen25.recipes import post_training
 from qwen25.train.config import PretrainConfig, Stage
 
 
@@ -52,7 +53,7 @@ class Profile:
     sources: tuple[str, ...] = ()  # built-in sources to prepare (empty: all of them)
     notes: str = ""  # why these numbers, for the report
     sample_prompts: tuple[str, ...] = ("ROMEO:", "def fibonacci(n):", "Question:")
-    post: Any = None  # the post-training plan (`qwen25.recipes.post_training.PostProfile`); None: stop at the base
+    post: post_training.PostProfile | None = None  # the post-training plan; None: stop at the base model
 
 
 # Domain weights of every batch. The mixture follows the built-in data (about three quarters
@@ -73,6 +74,7 @@ CPU = Profile(
           "8,192 tokens. The step count is planned from a throughput measurement on this machine so "
           "the whole run fits its 20-minute budget; precision, micro-batch and torch.compile (of the "
           "blocks and the loss) are the fastest of the timed candidates.",
+    post=post_training.CPU,
     pretrain=PretrainConfig(
         model="small",
         model_overrides={"hidden_size": 192, "intermediate_size": 576, "num_hidden_layers": 4,
@@ -92,6 +94,7 @@ GPU = Profile(
     name="gpu", vocab_size=16_384, tokenizer_chars=40_000_000,
     notes="8 layers x 384 (14M non-embedding parameters), 16,384-token vocabulary, bf16 autocast; "
           "about 4 passes over the built-in corpus.",
+    post=post_training.GPU,
     pretrain=PretrainConfig(
         model="small",
         model_overrides={"hidden_size": 384, "intermediate_size": 1152, "num_hidden_layers": 8,
@@ -111,6 +114,7 @@ SMOKE = Profile(
     name="smoke", vocab_size=1024, tokenizer_chars=2_000_000, sources=("shakespeare",),
     notes="2 layers x 96, 1,024-token vocabulary, Shakespeare only: checks the pipeline end to end.",
     sample_prompts=("ROMEO:",),
+    post=post_training.SMOKE,
     pretrain=PretrainConfig(
         model="small",
         model_overrides={"hidden_size": 96, "intermediate_size": 288, "num_hidden_layers": 2,
@@ -124,14 +128,6 @@ SMOKE = Profile(
                       short_fraction=0.6, short_seq_len=128))),
 )
 
-def _with_post() -> None:
-    from qwen25.recipes import post_training as pt
-
-    for name in ("CPU", "GPU", "SMOKE"):
-        globals()[name] = replace(globals()[name], post=getattr(pt, name))
-
-
-_with_post()
 PROFILES = {"cpu": CPU, "gpu": GPU, "smoke": SMOKE}
 
 
@@ -409,7 +405,7 @@ def _pretrained(out: Path) -> bool:
 
 
 def _replace_dir(src: Path, dest: Path) -> None:
-    """Move (or copy) folder src to dest, replacing dest, never leaving a half folder."""
+    """Copy folder src to dest, replacing dest, never leaving a half folder."""
     import shutil
 
     tmp = dest.with_name(f".{dest.name}.tmp")
@@ -428,6 +424,7 @@ def _post_training(out: Path, prof: Profile, timings: Timings) -> list[str]:
     from qwen25.data import builtin
     from qwen25.recipes import report_card as rc
     from qwen25.recipes.post_training import run_post_training, stage_dirs
+    from qwen25.train.reward_score import load_reward_scorer
 
     summaries = run_post_training(out, prof.post, timings)
     card_path = out / "card.json"
@@ -439,17 +436,16 @@ def _post_training(out: Path, prof: Profile, timings: Timings) -> list[str]:
             seen = rc.trained_questions(Path(builtin.fetch()))
             sets = rc.heldout_math(prof.post.eval_math, seen)
             instructions = rc.heldout_instructions(prof.post.eval_if)
+            reward_model = load_reward_scorer(str(d["rm"] / "final"))
             for stage in todo:
                 folder = out / "base" if stage == "base" else d[stage] / "final"
                 print(f"== evaluate {stage}: {folder}", flush=True)
                 card[stage] = rc.evaluate_stage(folder, sets, instructions, manifest=out / "data" / "manifest.json",
                                                 max_new_tokens=prof.post.eval_tokens,
-                                                reward_model=d["rm"] / "final", base_format=stage == "base")
+                                                reward_model=reward_model, base_format=stage == "base")
                 card["_meta"] = {"math": prof.post.eval_math, "instructions": prof.post.eval_if}
                 atomic_write(card_path, json.dumps(card, indent=1))
-    if not (out / "final" / "config.json").is_file() or \
-            (out / "final" / "model.safetensors").stat().st_mtime < (d["grpo"] / "final" / "model.safetensors").stat().st_mtime:
-        _replace_dir(d["grpo"] / "final", out / "final")
+    _replace_dir(d["grpo"] / "final", out / "final")  # a few MB: cheaper than proving it is current
     return rc.post_training_section(out, card, summaries, timings.seconds)
 
 

@@ -59,10 +59,9 @@ def _instructions(i: int) -> GenExample:
     from qwen25.data import sft_builtin
 
     row = sft_builtin.instruction_row("train", INSTRUCTIONS_OFFSET + i)
-    prompt = row["messages"][0]["content"]
-    return GenExample(id=f"instructions/{i}", prompt=prompt, messages=({"role": "user", "content": prompt},),
-                      target=str(row["answer"]), doc={"instruction_id_list": row["instruction_id_list"],
-                                                      "kwargs": row["kwargs"], "prompt": prompt})
+    doc = sft_builtin.ifeval_doc(row)
+    return GenExample(id=f"instructions/{i}", prompt=doc["prompt"], messages=({"role": "user", "content": doc["prompt"]},),
+                      target=str(row["answer"]), doc=doc)
 
 
 MIX_MATH_OFFSET = 400_000  # the mix's math queries lie past the SFT rows and the pair queries

@@ -19,15 +19,20 @@ IFBENCH_FILE = "ifbench/data/IFBench_test.jsonl"
 METRICS = ("prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose")
 
 
+def _check(completion: str, doc: dict, registry: dict):
+    """if-verifiable's verdict on `doc`'s constraints ("instruction_id_list", "kwargs", "prompt")."""
+    from if_verifiable.common import evaluate_instructions
+
+    _, s = evaluate_instructions(response=completion, instruction_id_list=doc["instruction_id_list"],
+                                 kwargs_list=doc["kwargs"], prompt=doc["prompt"], instruction_registry=registry)
+    return s
+
+
 def score_ifbench(completion: str, example: GenExample) -> dict[str, float]:
     """Prompt- and instruction-level strict/loose scores of one response."""
-    from if_verifiable.common import evaluate_instructions
     from if_verifiable.ifbench.instructions_registry import INSTRUCTION_DICT
 
-    doc = example.doc
-    _, s = evaluate_instructions(response=completion, instruction_id_list=doc["instruction_id_list"],
-                                 kwargs_list=doc["kwargs"], prompt=doc["prompt"],
-                                 instruction_registry=INSTRUCTION_DICT)
+    s = _check(completion, example.doc, INSTRUCTION_DICT)
     return {"prompt_strict": s.binary_strict, "prompt_loose": s.binary_loose,
             "instruction_strict": s.partial_strict, "instruction_loose": s.partial_loose}
 
@@ -36,14 +41,11 @@ def score_ifeval(completion: str, doc: dict) -> float:
     """1.0 when `completion` satisfies every IFEval constraint of `doc` (strict, prompt level).
 
     For prompts built with IFEval's catalogue (the built-in SFT instruction rows, and the
-    queries RL samples from them): `doc` holds "instruction_id_list", "kwargs", "prompt"."""
-    from if_verifiable.common import evaluate_instructions
+    queries RL samples from them): `doc` holds "instruction_id_list", "kwargs", "prompt"
+    (`qwen25.data.sft_builtin.ifeval_doc`)."""
     from if_verifiable.ifeval.instructions_registry import INSTRUCTION_DICT
 
-    _, s = evaluate_instructions(response=completion, instruction_id_list=doc["instruction_id_list"],
-                                 kwargs_list=doc["kwargs"], prompt=doc["prompt"],
-                                 instruction_registry=INSTRUCTION_DICT)
-    return float(s.binary_strict)
+    return float(_check(completion, doc, INSTRUCTION_DICT).binary_strict)
 
 
 def _ifbench(k: int) -> list[GenExample]:
