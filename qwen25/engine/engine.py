@@ -128,6 +128,13 @@ class Engine:
         self.runner.refresh()
         return self.scheduler.add(prompt, params)
 
+    def share_prefix(self, prompt: Sequence[int] | None) -> None:
+        """Compute the K/V of `prompt` once: later prompts that start with it prefill only
+        what follows (few-shot evaluation, a long system prompt). None forgets it. Outputs
+        equal a full prefill's to rounding and do not depend on other requests (scheduler.py)."""
+        self.runner.refresh()
+        self.scheduler.share_prefix(None if prompt is None else list(prompt))
+
     def step(self) -> list[StepOutput]:
         """Run one engine step (decode all running, prefill what fits); see scheduler.py."""
         return self.scheduler.step()

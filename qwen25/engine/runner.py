@@ -83,6 +83,16 @@ class ModelRunner:
         return self.model.lm_head(h[0, -1]).float()
 
     @torch.inference_mode()
+    def prefill_alone(self, ids: list[int], chunk: int) -> KVCache:
+        """K/V of `ids` in a one-slot cache of their own, prefilled `chunk` tokens at a time
+        (the boundaries a prompt's own prefill would use): a prefix shared by many prompts."""
+        cache = KVCache(self.config, 1, len(ids), self.model.dtype, self.model.device)
+        for at in range(0, len(ids), chunk):
+            x = torch.tensor([ids[at:at + chunk]], dtype=torch.long, device=self.model.device)
+            self.model.hidden_states(x, kv_cache=cache.rows([0]))
+        return cache
+
+    @torch.inference_mode()
     def prefill_scored(self, slot: int, ids: list[int], targets: list[int], top: int, want_logits: bool):
         """`prefill`, and also score the chunk: position t of `ids` predicts targets[t].
 

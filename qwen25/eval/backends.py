@@ -7,7 +7,8 @@ Both backends answer the same two questions, so a task never knows which one run
 
 `LocalBackend` scores on the model with each distinct context computed once
 (`loglik.loglikelihoods`) and generates on the batched `Engine` (continuous batching, stop
-strings end a sample early). `ServerBackend` sends /v1/completions with echo + logprobs
+strings end a sample early); in both, the prefix the prompts share (few-shot examples) is
+prefilled once. `ServerBackend` sends /v1/completions with echo + logprobs
 (max_tokens 0) and splits the echoed tokens at the context's length by their text offsets,
 and /v1/chat/completions for conversations; requests run concurrently so the server can
 batch them.
@@ -24,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from qwen25.engine.engine import Engine
 from qwen25.engine.text import TextStream
 from qwen25.errors import UserError
-from qwen25.eval.loglik import LogLik, encode_pair, loglikelihoods
+from qwen25.eval.loglik import MIN_SHARED_PREFIX, LogLik, encode_pair, loglikelihoods, shared_prefix
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
@@ -38,8 +39,10 @@ class LocalBackend:
 
     kind = "local"
 
-    def __init__(self, model, tokenizer, batch_size: int = 8, progress: Callable[[int], None] | None = None):
+    def __init__(self, model, tokenizer, batch_size: int = 8, progress: Callable[[int], None] | None = None,
+                 share_prefix: bool = True):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.share_prefix = share_prefix  # compute the prompts' common prefix (the shots) once
         self.limit = model.config.max_position_embeddings
         self.progress = progress
 
@@ -58,7 +61,7 @@ class LocalBackend:
     def loglik(self, pairs: Sequence[tuple[str, str]], chat: bool = False) -> list[LogLik]:
         enc = self._encode(chat)
         reqs = [encode_pair(enc, c, x, move_space=not chat) for c, x in pairs]
-        return loglikelihoods(self.model, reqs, progress=self.progress)
+        return loglikelihoods(self.model, reqs, progress=self.progress, share_prefix=self.share_prefix)
 
     def generate(self, prompts: Sequence[str], stop: Sequence[str], max_new_tokens: int, n: int = 1,
                  temperature: float = 0.0, seed: int = 0, chat: bool = False) -> list[list[str]]:
@@ -77,6 +80,9 @@ class LocalBackend:
         longest = max(map(len, ids)) + max_new_tokens
         engine = Engine(self.model, max_batch_size=max(self.batch_size, n), max_seq_len=min(self.limit, longest),
                         hugepages=False)
+        shared = shared_prefix(ids) if self.share_prefix else 0
+        if shared >= MIN_SHARED_PREFIX:  # the few-shot examples: prefilled once for every prompt
+            engine.share_prefix(ids[0][:shared])
         return self._drive(engine, ids, stop, max_new_tokens, n, temperature, seed)
 
     def _drive(self, engine: Engine, ids, stop, max_new_tokens, n, temperature, seed) -> list[list[str]]:

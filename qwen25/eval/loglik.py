@@ -10,7 +10,10 @@ copied to its choices, and all continuations of the batch then run in one forwar
     continuations [R, Tmax] (R = choices in the batch, right-padded) on copies of those rows
 
 log p(cont[0]) comes from the context's last position, log p(cont[t]) from the position of
-cont[t-1]. Log-softmax runs in float32 whatever the model dtype. Results equal a full
+cont[t-1]. Few-shot contexts also share their shots with each other: contexts are batched
+in token order and the prefix a batch has in common is prefilled once, its K/V copied to
+every context's row before the rest of each context runs (vLLM's prefix caching, within a
+batch; `share_prefix=False` turns it off). Log-softmax runs in float32 whatever the model dtype. Results equal a full
 forward over context + continuation to float32 rounding (the parity test checks 1e-4
 against lm-eval's `hf` backend).
 
@@ -50,6 +53,20 @@ def encode_pair(encode: Callable[[str], list[int]], context: str, continuation: 
     return ctx, whole[len(ctx):]
 
 
+MIN_SHARED_PREFIX = 32  # tokens; below this a separate prefix forward costs more than it saves
+
+
+def shared_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    """Length of the longest common prefix of `seqs`, leaving each at least one token of
+    its own (the position that predicts what follows must be computed per sequence)."""
+    if not seqs:
+        return 0
+    n = min(len(s) for s in seqs) - 1
+    for s in seqs[1:]:
+        n = min(n, _common(seqs[0], s))
+    return max(n, 0)
+
+
 @dataclass(frozen=True)
 class LogLik:
     logprob: float  # sum of log p over the continuation's tokens, nats
@@ -57,31 +74,58 @@ class LogLik:
     tokens: int  # continuation tokens scored
 
 
+def _common(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    k = 0
+    while k < n and a[k] == b[k]:
+        k += 1
+    return k
+
+
+def _prefix_len(contexts) -> int:
+    """The shared prefix worth computing once for these contexts (0 if too short)."""
+    p = shared_prefix(contexts)
+    return p if p >= MIN_SHARED_PREFIX else 0
+
+
 def _batches(groups: list[tuple[tuple[int, ...], list[int]]], conts: list[list[int]],
-             token_budget: int, max_rows: int):
-    """Consecutive groups whose prefill + continuation tokens stay within the budget."""
-    batch, used, rows = [], 0, 0
+             token_budget: int, max_rows: int, share: bool):
+    """Consecutive groups whose tokens stay within the budget: the shared prefix once, each
+    context's own part, each choice's continuation (attention over the context not counted)."""
+    batch: list = []
+    rows = ctx_sum = cont_sum = 0
+    p = 0  # common prefix of the batch's contexts (each keeps one token of its own)
     for g in groups:
         ctx, members = g
-        t = max(len(conts[i]) for i in members)
-        cost = len(ctx) + len(members) * (len(ctx) + t)
-        if batch and (used + cost > token_budget or rows + len(members) > max_rows):
-            yield batch
-            batch, used, rows = [], 0, 0
+        t = len(members) * max(len(conts[i]) for i in members)
+        if batch:
+            q = min(p, _common(batch[0][0], ctx), len(ctx) - 1) if share else 0
+            q = q if q >= MIN_SHARED_PREFIX else 0
+            cost = q + ctx_sum + len(ctx) - (len(batch) + 1) * q + cont_sum + t
+            if rows + len(members) > max_rows or cost > token_budget:
+                yield batch
+                batch, rows, ctx_sum, cont_sum = [], 0, 0, 0
+        if not batch:
+            p = len(ctx) - 1 if share else 0
+        else:
+            p = min(p, _common(batch[0][0], ctx), len(ctx) - 1) if share else 0
         batch.append(g)
-        used += cost
         rows += len(members)
+        ctx_sum += len(ctx)
+        cont_sum += t
     if batch:
         yield batch
 
 
 @torch.inference_mode()
 def loglikelihoods(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], token_budget: int = 8192,
-                   max_rows: int = 64, progress=None) -> list[LogLik]:
+                   max_rows: int = 64, progress=None, share_prefix: bool = True) -> list[LogLik]:
     """log p(continuation | context) for each (context ids, continuation ids) request.
 
     Contexts longer than the model's context window lose their oldest tokens (as lm-eval
     truncates from the left). `progress(n)` is called with the number of requests done.
+    share_prefix: contexts are batched in token order, and the prefix a batch's contexts
+    share (the few-shot examples) is computed once for the batch, not once per context.
     """
     limit = model.config.max_position_embeddings
     reqs = []
@@ -97,18 +141,23 @@ def loglikelihoods(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]
     by_ctx: dict[tuple[int, ...], list[int]] = {}
     for i, (ctx, _) in enumerate(reqs):
         by_ctx.setdefault(ctx, []).append(i)
-    groups = sorted(by_ctx.items(), key=lambda g: -len(g[0]))  # similar lengths batch together
+    # token order puts contexts with the same shots side by side; otherwise similar lengths
+    # batch together (less padding)
+    order = (lambda g: g[0]) if share_prefix else (lambda g: -len(g[0]))
+    groups = sorted(by_ctx.items(), key=order)
     conts = [c for _, c in reqs]
     out: list[LogLik | None] = [None] * len(reqs)
-    for batch in _batches(groups, conts, token_budget, max_rows):
-        for i, ll in _score_batch(model, batch, conts):
+    for batch in _batches(groups, conts, token_budget, max_rows, share_prefix):
+        p = _prefix_len([ctx for ctx, _ in batch]) if share_prefix else 0
+        for i, ll in _score_batch(model, batch, conts, p):
             out[i] = ll
         if progress is not None:
             progress(sum(len(m) for _, m in batch))
     return out  # type: ignore[return-value]
 
 
-def _score_batch(model, batch, conts):
+def _score_batch(model, batch, conts, p: int = 0):
+    """Score one batch; its contexts share their first `p` tokens (0: nothing shared)."""
     device = model.device
     B = len(batch)
     lens = [len(ctx) for ctx, _ in batch]
@@ -116,12 +165,17 @@ def _score_batch(model, batch, conts):
     row_ctx = [b for b, (_, m) in enumerate(batch) for _ in m]
     tmax = max(len(conts[i]) for i in members)
     L = max(lens)
-    ids = torch.zeros(B, L, dtype=torch.long)
-    for b, (ctx, _) in enumerate(batch):
-        ids[b, :len(ctx)] = torch.tensor(ctx)
     cache = KVCache(model.config, B, L + tmax, model.dtype, device)
+    if p:  # the shared prefix once, its K/V given to every context's row
+        pre = KVCache(model.config, 1, p, model.dtype, device)
+        model.hidden_states(torch.tensor([batch[0][0][:p]], device=device), kv_cache=pre)
+        for b in range(B):
+            cache.copy_from(pre, b)
+    ids = torch.zeros(B, L - p, dtype=torch.long)
+    for b, (ctx, _) in enumerate(batch):
+        ids[b, :len(ctx) - p] = torch.tensor(ctx[p:])
     h, _ = model.hidden_states(ids.to(device), kv_cache=cache)  # right padding: causal is enough
-    last = h[torch.arange(B), torch.tensor(lens) - 1]  # [B, hidden]
+    last = h[torch.arange(B), torch.tensor(lens) - p - 1]  # [B, hidden]
     # Copy each context's rows to its choices; every row continues after its real length.
     sel = torch.tensor(row_ctx, device=device)
     rows = KVCache(model.config, len(members), L + tmax, model.dtype, device)

@@ -81,6 +81,17 @@ class KVCache:
                 t[dst, :, :n] = t[src, :, :n]
         self.lengths[dst] = n
 
+    def copy_from(self, src: KVCache, dst: int, src_slot: int = 0) -> None:
+        """Give slot `dst` the cached positions of `src`'s slot (another cache of the same
+        model): a prefix computed once, reused by every prompt that starts with it."""
+        n = src.lengths[src_slot]
+        if n > self.max_seq_len:
+            raise ValueError(f"a cached prefix of {n} positions does not fit max_seq_len={self.max_seq_len}")
+        for mine, theirs in ((self.k, src.k), (self.v, src.v)):
+            for t, u in zip(mine, theirs):
+                t[dst, :, :n] = u[src_slot, :, :n]
+        self.lengths[dst] = n
+
     def set_length(self, slot: int, length: int) -> None:
         """Declare that `slot` holds `length` valid positions (e.g. after a right-padded
         prefill: the padded positions are masked out and later overwritten)."""
