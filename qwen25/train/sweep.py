@@ -70,7 +70,7 @@ class SweepConfig:
     schedule: str = "wsd"  # learning-rate schedule of every run (see pretrain)
     eval_tokens: int = 65536  # held-out tokens scored at the end of each run (0: the whole split)
     base: dict[str, Any] = field(default_factory=dict)  # other PretrainConfig fields for every run, e.g. {"weight_decay": 0.0}
-    search: str = "grid"  # "grid": every combination; "halving": successive halving of the (lr, batch) candidates per (size, tokens)
+    search: str = "grid"  # "grid": every (lr, batch) per (size, tokens); "halving": successive halving of them
     eta: int = 3  # halving: each rung keeps the best 1/eta and trains them on eta x the tokens
     workers: int = 1  # runs at once (1: in this process; more: child processes)
     threads: int = 1  # CPU threads per run
@@ -392,6 +392,10 @@ def _halving(cfg: SweepConfig, points: list[Point], loader_factory, say) -> list
         if all(q.name != p.name for q in cell):
             cell.append(p)
     sizes = halving.rung_sizes(len(next(iter(alive.values()))), cfg.eta)
+    shortest = min(halving.rung_budgets(D, cfg.eta, len(sizes))[0] for _, D in alive)
+    if shortest < max(cfg.batch):  # a run trains at least one step, whatever its budget
+        say(f"note: the first rung trains {shortest} tokens, less than one batch of {max(cfg.batch)}: "
+            "such runs are one step and their losses say little; raise --tokens or lower --eta")
     rows = []
     for r, count in enumerate(sizes):
         runs = {(size, D): [rung_point(cfg, p, halving.rung_budgets(D, cfg.eta, len(sizes))[r]) for p in ps]

@@ -76,6 +76,7 @@ def plot_halving(rows: list[dict], path: str | Path) -> Path:
             ax.plot(*zip(*sorted(pts)), marker="o", ms=3, label=f"lr {lr:g} B {B}")
         ax.set(xscale="log", xlabel="tokens of the rung", ylabel="final held-out loss",
                title=f"N={N:.3g} D={D:.3g}")
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())  # log minor labels collide on a short range
         ax.title.set_fontsize(9)
         ax.legend(fontsize=6)
     for ax in list(axes.flat)[len(cells):]:
