@@ -4,6 +4,9 @@ Runs a grid of short pretraining runs (each a normal resumable run folder under
 OUT/runs/), finds the best learning rate and batch size per (model size, tokens), fits
 lr(N, D), batch(D) and loss L(N, D) with 95% intervals, and writes OUT/law.json for
 `qwen25 pretrain --lr auto --batch auto --law OUT/law.json`. Re-running continues.
+`--search halving --eta 3` replaces the full (lr, batch) grid of each (size, tokens) by
+successive halving: short runs of every candidate, the best 1/eta continued on eta x the
+tokens, one winner at the full budget.
 Under `torchrun --nproc_per_node G -m qwen25 sweep ...` each GPU takes its share of runs.
 """
 

@@ -14,6 +14,20 @@ r, r + world, ... on its own GPU and rank 0 fits once every run is done.
 N is the active non-embedding parameter count, D the training tokens of a run. The loss a
 run contributes is its final held-out loss (all sets, nats/token). `resolve_auto` is what
 `qwen25 pretrain --lr auto --batch auto --law FILE` uses: the saved laws at the run's N, D.
+
+`search="halving"` (`--search halving --eta 3`) replaces the full grid by successive
+halving in each (size, tokens) cell (`qwen25.train.halving`): every (lr, batch) candidate
+first trains a fraction D / eta^K of the cell's tokens, the best 1/eta by final held-out
+loss go on to eta times the tokens, and the last rung trains one winner at the full D; that
+winner is the cell's optimum for the fits. Each rung is its own run folder, trained from
+scratch, not a resumed folder with a larger budget: the harness could continue a finished
+run to more steps, but its schedule is a function of the run's total steps (WSD decays over
+the last `decay_frac`, cosine over all of them, warmup is a share of the steps), so a rung
+that has already decayed would be re-warmed to the peak lr, and its final loss would not be
+that of a run trained at the larger budget. A rung folder is named like the grid point
+with the same tokens (the same config), so the last rung's folder is the grid's own run and
+a rung whose budget equals another cell's D shares that run. sweep.jsonl holds every rung's
+rows with `rung` and `rungs`; the fits and lr plots use the last rung's rows.
 """
 
 from __future__ import annotations
@@ -32,10 +46,10 @@ from typing import Any
 
 from qwen25.config import ModelConfig, count_parameters
 from qwen25.errors import UserError
-from qwen25.train import scaling
+from qwen25.train import halving, scaling
 from qwen25.train.config import PretrainConfig, Stage, stage_steps, validate
 
-SEARCHES = ("grid",)
+SEARCHES = ("grid", "halving")
 
 
 @dataclass(frozen=True)
@@ -56,7 +70,8 @@ class SweepConfig:
     schedule: str = "wsd"  # learning-rate schedule of every run (see pretrain)
     eval_tokens: int = 65536  # held-out tokens scored at the end of each run (0: the whole split)
     base: dict[str, Any] = field(default_factory=dict)  # other PretrainConfig fields for every run, e.g. {"weight_decay": 0.0}
-    search: str = "grid"  # "grid": every combination
+    search: str = "grid"  # "grid": every (lr, batch) per (size, tokens); "halving": successive halving of them
+    eta: int = 3  # halving: each rung keeps the best 1/eta and trains them on eta x the tokens
     workers: int = 1  # runs at once (1: in this process; more: child processes)
     threads: int = 1  # CPU threads per run
     device: str = "auto"  # "auto", "cpu" or "cuda" (with workers > 1: one GPU per worker, round robin)
@@ -121,18 +136,30 @@ def grid(cfg: SweepConfig) -> list[Point]:
     points = []
     for size, D, lr, B in itertools.product(cfg.sizes, cfg.tokens, cfg.lr, cfg.batch):
         overrides = {**base_overrides, **size_overrides(size, base_mc)}
-        steps = max(1, math.ceil(D / B))
-        name = f"{size}-D{D}-lr{lr:g}-B{B}"
-        run = dataclasses.replace(
-            PretrainConfig(**extra), out=str(Path(cfg.out) / "runs" / name), model=cfg.model,
-            model_overrides=overrides, tokenizer=cfg.tokenizer, data=cfg.data, seq_len=cfg.seq_len,
-            batch_tokens=B, micro_batch=_micro(cfg, B), lr=lr, schedule=cfg.schedule,
-            warmup_steps=max(1, round(cfg.warmup_frac * steps)), eval_every=0, eval_tokens=cfg.eval_tokens,
-            checkpoint_every=max(1, steps // 4), keep_checkpoints=1, sample_every=0, sample_prompts=(),
-            device=cfg.device, threads=cfg.threads, seed=cfg.seed, stages=(Stage("main", tokens=D),))
-        validate(run)
-        points.append(Point(name, size, model_size(cfg.model, overrides), D, lr, B, run))
+        points.append(make_point(cfg, size, overrides, D, lr, B, extra))
     return points
+
+
+def make_point(cfg: SweepConfig, size: str, overrides: dict[str, Any], D: int, lr: float, B: int,
+               extra: dict[str, Any]) -> Point:
+    """The run of one (size, D, lr, batch); a pure function of them, so equal points share a folder."""
+    steps = max(1, math.ceil(D / B))
+    name = f"{size}-D{D}-lr{lr:g}-B{B}"
+    run = dataclasses.replace(
+        PretrainConfig(**extra), out=str(Path(cfg.out) / "runs" / name), model=cfg.model,
+        model_overrides=overrides, tokenizer=cfg.tokenizer, data=cfg.data, seq_len=cfg.seq_len,
+        batch_tokens=B, micro_batch=_micro(cfg, B), lr=lr, schedule=cfg.schedule,
+        warmup_steps=max(1, round(cfg.warmup_frac * steps)), eval_every=0, eval_tokens=cfg.eval_tokens,
+        checkpoint_every=max(1, steps // 4), keep_checkpoints=1, sample_every=0, sample_prompts=(),
+        device=cfg.device, threads=cfg.threads, seed=cfg.seed, stages=(Stage("main", tokens=D),))
+    validate(run)
+    return Point(name, size, model_size(cfg.model, overrides), D, lr, B, run)
+
+
+def rung_point(cfg: SweepConfig, p: Point, tokens: int) -> Point:
+    """Grid point `p` trained on `tokens` instead of its D (a halving rung)."""
+    extra = {k: v for k, v in cfg.base.items() if k != "model_overrides"}
+    return make_point(cfg, p.size, dict(p.config.model_overrides), tokens, p.lr, p.batch, extra)
 
 
 def _micro(cfg: SweepConfig, batch: int) -> int:
@@ -152,6 +179,8 @@ def check(cfg: SweepConfig) -> None:
                         "law needs several: give more values to --lr and to --sizes or --tokens")
     if cfg.search not in SEARCHES:
         raise UserError(f"search={cfg.search!r}: use one of {', '.join(SEARCHES)}")
+    if cfg.search == "halving":
+        halving.check_halving(len(set(cfg.lr)) * len(set(cfg.batch)), cfg.eta)
     if cfg.workers < 1 or cfg.threads < 0:
         raise UserError("workers must be >= 1 and threads >= 0")
     if not 0 <= cfg.warmup_frac < 1:
@@ -304,36 +333,106 @@ def sweep(cfg: SweepConfig, *, loader_factory=None, say=print) -> dict[str, Any]
         raise UserError(f"data manifest {cfg.data} not found; create it with `qwen25 data prepare`")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    todo = [p for p in points if _result(p) is None]
-    say(f"sweep: {len(points)} runs, {len(points) - len(todo)} already done")
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1:  # torchrun: rank r takes every world-th run on its own GPU, one at a time
-        mine = todo[rank::world]
-        _run_children(mine, dataclasses.replace(cfg, workers=1), say, first_slot=int(os.environ.get("LOCAL_RANK", 0)))
-        if rank != 0:
-            return {}
-        while any(_result(p) is None for p in points):
-            time.sleep(2)
-    elif cfg.workers == 1:
-        _run_inline(todo, loader_factory, say)
+    if cfg.search == "halving":
+        rows = _halving(cfg, points, loader_factory, say)
     else:
-        _run_children(todo, cfg, say)
-    rows = [_result(p) for p in points]
+        todo = [p for p in points if _result(p) is None]
+        say(f"sweep: {len(points)} runs, {len(points) - len(todo)} already done")
+        _run_points(todo, cfg, loader_factory, say, wait=_rank() == 0)
+        rows = [_result(p) for p in points]
+    if _rank() != 0:  # torchrun: rank 0 fits once every run is done
+        return {}
     with open(out / "sweep.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     result = fit_sweep(rows)
     scaling.save_laws(out / "law.json", result["lr"], result["batch"], result["loss"], result["optima"],
                       notes=result["notes"])
-    from qwen25.train.sweep_plots import plot_sweep
+    from qwen25.train.sweep_plots import plot_halving, plot_sweep
 
-    plot_sweep(rows, result, out / "plots")
+    plot_sweep(fit_rows(rows), result, out / "plots")
+    if cfg.search == "halving":
+        plot_halving(rows, out / "plots" / "halving.png")
     say(describe(result))
     return result
 
 
+def _rank() -> int:
+    return int(os.environ.get("RANK", 0))
+
+
+def _run_points(points: list[Point], cfg: SweepConfig, loader_factory, say, wait: bool) -> None:
+    """Train the unfinished `points`: in this process, as child processes, or under torchrun
+    this rank's share (every world-th point, on its own GPU); wait: then block until every
+    rank's share has finished."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        # Share out the list as given and drop finished points afterwards: every rank then
+        # agrees on who trains what, even when another rank has already finished one.
+        mine = [p for p in points[_rank()::world] if _result(p) is None]
+        _run_children(mine, dataclasses.replace(cfg, workers=1), say, first_slot=int(os.environ.get("LOCAL_RANK", 0)))
+        while wait and any(_result(p) is None for p in points):
+            time.sleep(2)
+        return
+    todo = [p for p in points if _result(p) is None]
+    if cfg.workers == 1:
+        _run_inline(todo, loader_factory, say)
+    else:
+        _run_children(todo, cfg, say)
+
+
+def _halving(cfg: SweepConfig, points: list[Point], loader_factory, say) -> list[dict]:
+    """Successive halving in every (size, tokens) cell; the rows of every rung's runs.
+
+    The cells go through the rungs together (all of rung r's runs, then the cut), so the
+    workers and ranks are busy with every cell's runs at once. Every rank waits for each
+    rung and cuts the same way (the cut reads only the run folders)."""
+    alive: dict[tuple[str, int], list[Point]] = {}
+    for p in points:  # a repeated --lr or --batch value is one candidate
+        cell = alive.setdefault((p.size, p.D), [])
+        if all(q.name != p.name for q in cell):
+            cell.append(p)
+    sizes = halving.rung_sizes(len(next(iter(alive.values()))), cfg.eta)
+    shortest = min(halving.rung_budgets(D, cfg.eta, len(sizes))[0] for _, D in alive)
+    if shortest < max(cfg.batch):  # a run trains at least one step, whatever its budget
+        say(f"note: the first rung trains {shortest} tokens, less than one batch of {max(cfg.batch)}: "
+            "such runs are one step and their losses say little; raise --tokens or lower --eta")
+    rows = []
+    for r, count in enumerate(sizes):
+        runs = {(size, D): [rung_point(cfg, p, halving.rung_budgets(D, cfg.eta, len(sizes))[r]) for p in ps]
+                for (size, D), ps in alive.items()}
+        unique = list({p.name: p for ps in runs.values() for p in ps}.values())  # cells may share a run
+        done = sum(_result(p) is not None for p in unique)
+        say(f"halving rung {r + 1}/{len(sizes)}: {count} candidate(s) per cell, {len(unique)} runs, "
+            f"{done} already done")
+        _run_points(unique, cfg, loader_factory, say, wait=True)
+        for (size, D), ps in runs.items():
+            got = [{**_result(p), "search": "halving", "rung": r, "rungs": len(sizes), "cell_D": D} for p in ps]
+            rows += got
+            if r + 1 < len(sizes):
+                keep = halving.survivors([g["loss"] for g in got], sizes[r + 1])
+                alive[(size, D)] = [alive[(size, D)][i] for i in keep]
+    return rows
+
+
+def fit_rows(rows: list[dict]) -> list[dict]:
+    """The rows the laws are fitted on: every grid row; of a halving search, its last rung."""
+    return [r for r in rows if r.get("rung", 0) == r.get("rungs", 1) - 1]
+
+
 def fit_sweep(rows: list[dict]) -> dict[str, Any]:
-    """Optima per (N, D), then the laws over the variables that vary in the grid."""
-    optima = scaling.sweep_optima(rows)
+    """Optima per (N, D), then the laws over the variables that vary in the grid.
+
+    Rows of a halving search (with `rung`) fit on the last rung's winners; a winner is
+    bracketed only when its lr, and its batch when several were tried, lie inside the range
+    of the cell's first-rung candidates (a single run cannot show a curve)."""
+    optima = scaling.sweep_optima(fit_rows(rows))
+    first = [r for r in rows if r.get("rung") == 0]
+    for o in optima if first else ():
+        cands = [r for r in first if r["N"] == o["N"] and r["cell_D"] == o["D"]]
+        for key in ("lr", "batch"):
+            values = sorted({r[key] for r in cands})
+            if len(values) > 1 and not values[0] < o[key] < values[-1]:
+                o["bracketed"] = False
     vary = [v for v in ("N", "D") if len({o[v] for o in optima}) > 1]
     notes: dict[str, Any] = {}
     edge = [f"N={o['N']:.3g} D={o['D']:.3g}" for o in optima if not o["bracketed"]]

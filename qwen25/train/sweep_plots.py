@@ -1,6 +1,6 @@
 """PNG plots of a sweep (loss against learning rate per (N, D); each fitted law with its optima
-and 95% band) and of the dense-vs-MoE study (loss against training FLOPs and wall time; expert
-utilisation per layer). Drawn with matplotlib's Agg backend (no display needed)."""
+and 95% band; a halving search's rungs) and of the dense-vs-MoE study (loss against training
+FLOPs and wall time; expert utilisation per layer). Drawn with matplotlib's Agg backend (no display needed)."""
 
 from __future__ import annotations
 
@@ -57,6 +57,36 @@ def plot_sweep(rows: list[dict], result: dict[str, Any], out_dir: str | Path) ->
         save(_law_figure(plt, law, optima, [o["loss"] for o in optima], "best loss (nats/token)", log_y=False),
              "loss_law.png")
     return written
+
+
+def plot_halving(rows: list[dict], path: str | Path) -> Path:
+    """A halving search: one panel per (size, tokens) cell, each candidate's final loss
+    against the tokens of the rungs it reached (a line ends where the candidate was cut)."""
+    plt = _plt()
+    cells = sorted({(r["N"], r["cell_D"]) for r in rows})
+    cols = min(3, len(cells))
+    fig, axes = plt.subplots(-(-len(cells) // cols), cols, figsize=(4.2 * cols, 3.2 * -(-len(cells) // cols)),
+                             squeeze=False)
+    for ax, (N, D) in zip(axes.flat, cells):
+        runs: dict[tuple[float, int], list[tuple[int, float]]] = {}
+        for r in rows:
+            if r["N"] == N and r["cell_D"] == D and math.isfinite(r["loss"]):
+                runs.setdefault((r["lr"], r["batch"]), []).append((r["D"], r["loss"]))
+        for (lr, B), pts in sorted(runs.items()):
+            ax.plot(*zip(*sorted(pts)), marker="o", ms=3, label=f"lr {lr:g} B {B}")
+        ax.set(xscale="log", xlabel="tokens of the rung", ylabel="final held-out loss",
+               title=f"N={N:.3g} D={D:.3g}")
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())  # log minor labels collide on a short range
+        ax.title.set_fontsize(9)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(cells):]:
+        ax.axis("off")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _law_figure(plt, law, optima, ys, ylabel, log_y):
