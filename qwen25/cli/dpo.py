@@ -2,7 +2,9 @@
 
 Every field of `DPOConfig` is a flag (see `--help`). The reference model's log-probs are
 computed once and stored in DIR; re-running the same command resumes from the newest
-checkpoint. The trained policy is written to DIR/final.
+checkpoint. The trained policy is written to DIR/final; with `--lora-rank R` only LoRA
+adapters train and DIR/adapter is a PEFT adapter for the base model (`--merge` also writes
+the merged model to DIR/final), as in `qwen25 sft`.
 """
 
 from __future__ import annotations

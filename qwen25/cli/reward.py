@@ -3,7 +3,9 @@
     qwen25 reward train --model SFT_DIR --data pairs.jsonl --out DIR [flags]
     qwen25 reward score --model DIR/final --data convs.jsonl --out scores.jsonl [--batch-size 8]
 
-`train` takes every field of `RewardConfig` as a flag and resumes when re-run. `score` reads
+`train` takes every field of `RewardConfig` as a flag and resumes when re-run; with
+`--lora-rank R` the decoder trains LoRA adapters (the head in full), DIR/adapter is the PEFT
+adapter and DIR/final the merged sequence classifier. `score` reads
 rows of `{"messages": [...]}` or `{"prompt", "completion"}` and writes each row back with a
 `"score"`; rows it cannot read are counted and skipped (their line numbers are printed).
 """

@@ -12,6 +12,13 @@ an "eval" record on the held-out pairs.
 
 The reference is the starting checkpoint unless `ref_model` names another; it must share
 the policy's vocabulary (another vocabulary would compare log-probs of different tokens).
+
+With `lora_rank` the policy is the starting checkpoint plus LoRA adapters (`lora.py`, as in
+SFT): only lora_A / lora_B train, and since B starts at zero the policy starts equal to the
+reference, whose log-probs are taken from the same weights before the adapters go in.
+Checkpoints store the frozen base plus the adapter files; the output is OUT/adapter (a PEFT
+folder for the base `--model`) and, with `merge`, OUT/final with the adapter merged in.
+Without LoRA the trained policy is OUT/final.
 """
 
 from __future__ import annotations
@@ -28,14 +35,15 @@ from safetensors.torch import save_file
 from qwen25.checkpoint import load_config, load_model
 from qwen25.errors import UserError
 from qwen25.files import atomic_path, sha256_file
-from qwen25.train import parallel
-from qwen25.train.checkpointing import ResumeError
+from qwen25.train import lora, parallel
+from qwen25.train.checkpointing import ResumeError, export_model
 from qwen25.train.dpo_loss import DPO_LOSSES, check_dpo_args, dpo_loss, pair_logprobs, preference_metrics
 from qwen25.train.loop import SpikeGuard
 from qwen25.train.merging_optim import OnlineMergingAdamW, reference_task_vector
 from qwen25.train.optim import SCHEDULES, build_optimizer, lr_multiplier, param_groups
 from qwen25.train.pair_stage import (PairData, StepMetrics, heldout_batches, load_stage_tokenizer,
                                      micro_batches, plot_pair_metrics, tokenizer_files)
+from qwen25.train.lora import LORA_TARGETS
 from qwen25.train.run import Run, RunSettings, config_dict
 
 REF_FILE = "reference_logps.safetensors"
@@ -67,6 +75,11 @@ class DPOConfig:
     merge_keep: float = 0.01  # merging: DARE keep probability of each update (reference script: 0.01)
     merge_alpha: float = 1e-7  # merging: weight of tau_ref in every step's merge (reference script: 1e-7)
     merge_rescale: bool = False  # merging: restore the L1 norm of the sparsified update
+    lora_rank: int = 0  # LoRA rank r (0: train every weight)
+    lora_alpha: float = 16.0  # LoRA alpha (updates scaled by alpha / r)
+    lora_dropout: float = 0.0  # dropout on the LoRA input
+    lora_targets: tuple[str, ...] = LORA_TARGETS  # linear layers that get adapters
+    merge: bool = False  # with LoRA: also write the merged model to OUT/final
     beta1: float = 0.9  # Adam beta1
     beta2: float = 0.999  # Adam beta2
     eps: float = 1e-8  # Adam epsilon
@@ -97,6 +110,12 @@ def validate(cfg: DPOConfig) -> None:
         raise UserError(f"--optimizer {cfg.optimizer!r} is unknown; use one of {', '.join(OPTIMIZERS)}")
     if cfg.optimizer != "merging" and cfg.merge_base:
         raise UserError("--merge-base only applies with --optimizer merging")
+    lora.check_options(cfg)
+    if cfg.lora_rank and cfg.optimizer == "merging":
+        # OnDARE merges each full-weight update with the SFT task vector (SFT - base); LoRA
+        # updates live in low-rank factors that have no such counterpart.
+        raise UserError("--optimizer merging works on full weights, not LoRA adapters; use --optimizer adamw "
+                        "with --lora-rank, or drop --lora-rank")
     if cfg.schedule not in SCHEDULES:
         raise UserError(f"--schedule {cfg.schedule!r} is unknown; use one of {', '.join(SCHEDULES)}")
     if cfg.precision not in ("fp32", "bf16"):
@@ -148,11 +167,16 @@ def _dpo(cfg: DPOConfig, world: parallel.World) -> dict[str, Any]:
     ref = reference_logps(cfg, data, world, start if run.resume is None else None, vocab, pad, autocast,
                           run.write)
 
-    # ---- policy and optimizer ----------------------------------------------------------
+    # ---- policy (+ LoRA) and optimizer -------------------------------------------------
+    if cfg.lora_rank:
+        lora.apply(start, cfg, base=cfg.model, resume=run.resume.path if run.resume else None)
     inner = start.to(world.device).train()
     model = parallel.parallelize(inner, world, mode=cfg.parallel)
     optimizer = _optimizer(cfg, inner, fresh=run.resume is None)
-    run.attach(model, inner, optimizer, SpikeGuard(), extra_files=tokenizer_files(cfg.tokenizer or cfg.model))
+    files = tokenizer_files(cfg.tokenizer or cfg.model)
+    if cfg.lora_rank:
+        run.checkpoint_weights(lambda: lora.checkpoint_weights(model, inner, run.out, world.is_main, files))
+    run.attach(model, inner, optimizer, SpikeGuard(), extra_files=files)
     run.checkpoint_state(lambda: {"pairs": len(data.pairs)})
 
     metrics = StepMetrics()
@@ -193,17 +217,31 @@ def _dpo(cfg: DPOConfig, world: parallel.World) -> dict[str, Any]:
         run.train(run.total_steps, start=run.step, next_batch=next_batch, loss_fn=loss_fn, lr_at=lr_at,
                   grad_clip=cfg.grad_clip, autocast=autocast, label="dpo", evaluate=evaluate)
         flush()
-    summary = run.finish(evaluate=evaluate, extra=lambda: {"data": data.stats.as_dict()})
+    summary = run.finish(evaluate=evaluate, export=lambda ckpt: _export(cfg, ckpt, files),
+                         extra=lambda: {"data": data.stats.as_dict(), "lora": bool(cfg.lora_rank)})
     if world.is_main:
         plot_pair_metrics(Path(cfg.out) / "metrics.jsonl", Path(cfg.out) / "plots")
     return summary
 
 
+def _export(cfg: DPOConfig, ckpt: Path, files: list[Path]) -> Path:
+    """OUT/final without LoRA; with it OUT/adapter, and OUT/final merged when `merge`
+    (SFT's layout). Returns the folder to use."""
+    out = Path(cfg.out)
+    if not cfg.lora_rank:
+        return export_model(ckpt, out / "final")
+    adapter = lora.copy_adapter(ckpt, out / "adapter")
+    if not cfg.merge:
+        return adapter
+    return lora.save_merged(ckpt, out / "final", cfg, extra_files=files)
+
+
 def _check_resume(ck, cfg: DPOConfig) -> None:
-    saved = ck.state.get("config", {})
-    for key in ("data", "loss", "beta", "batch_size", "seed", "max_length", "eval_fraction", "optimizer"):
-        if key in saved and saved[key] != getattr(cfg, key):
-            raise ResumeError(f"{cfg.out} was started with {key}={saved[key]!r}, not {getattr(cfg, key)!r}; "
+    saved, mine = ck.state.get("config", {}), config_dict(cfg)
+    for key in ("data", "loss", "beta", "batch_size", "seed", "max_length", "eval_fraction", "optimizer",
+                "lora_rank", "lora_targets"):
+        if key in saved and saved[key] != mine[key]:
+            raise ResumeError(f"{cfg.out} was started with {key}={saved[key]!r}, not {mine[key]!r}; "
                               "use the same settings to resume, or a new --out")
 
 

@@ -13,6 +13,13 @@ A training checkpoint of a LoRA run stores the frozen base weights under their p
 (`base_state`: it loads like any checkpoint) and the adapter files beside them, so resuming
 is: load the base from the checkpoint, `add_lora`, `load_adapter`. `merged_state` folds
 W + (alpha / r) B A into the base weights for a merged HF folder (`--merge`).
+
+The stages that offer LoRA (SFT, DPO, the reward model) share what lies around that:
+`check_options` (the `lora_*` config fields), `apply` (inject, and on resume reload),
+`checkpoint_weights` / `split_checkpoint` (what a checkpoint stores) and `merged_model` /
+`save_merged` (the merged model at the end). A classifier's head trains in full beside the
+adapters (`save_head_in_full`: peft's `modules_to_save`); its tensor goes into the adapter
+file so `PeftModel.from_pretrained` on a sequence classifier restores it.
 """
 
 from __future__ import annotations
@@ -32,6 +39,29 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PREFIX = "base_model.model."  # what PeftModel puts before the base model's module names
 _BASE = ".base_layer"
+STAGING = ".adapter-staging"  # OUT/<this>: the adapter files a checkpoint copies in
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def check_options(cfg) -> None:
+    """The LoRA fields of a stage config (`lora_rank`, `lora_alpha`, `lora_dropout`,
+    `lora_targets`, and `merge` where the stage has it): one `UserError` naming the fix."""
+    rank = cfg.lora_rank
+    # A float rank from Python (2.0) would reach peft and fail deep inside it; say so here.
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
+        raise UserError(f"lora_rank={rank!r} must be a whole number >= 0 (0: no LoRA), e.g. --lora-rank 16")
+    if getattr(cfg, "merge", False) and not rank:
+        raise UserError("--merge needs LoRA (--lora-rank R)")
+    if not rank:
+        return
+    if not cfg.lora_alpha > 0:
+        raise UserError(f"lora_alpha={cfg.lora_alpha!r} must be > 0 (updates are scaled by alpha / rank)")
+    if not 0 <= cfg.lora_dropout < 1:
+        raise UserError(f"lora_dropout={cfg.lora_dropout!r} must be in [0, 1)")
+    bad = [t for t in cfg.lora_targets if t not in LORA_TARGETS]
+    if bad or not cfg.lora_targets:
+        raise UserError(f"lora_targets {bad or '(none)'} are not linear layers of the model; use some of "
+                        f"{', '.join(LORA_TARGETS)}")
 
 
 def lora_config(rank: int, alpha: float, dropout: float, targets: Sequence[str], base: str | None = None):
@@ -54,6 +84,32 @@ def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
     for name, p in model.named_parameters():
         p.requires_grad_(".lora_" in name)
     return model
+
+
+def apply(model: nn.Module, cfg, *, base: str | Path, resume: str | Path | None = None) -> nn.Module:
+    """`add_lora` with a stage config's settings (seeded by `cfg.seed`, so a fresh run's
+    adapter init is reproducible); `resume`: a checkpoint whose adapter weights to load."""
+    add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, seed=cfg.seed,
+             base=str(Path(base).resolve()))
+    if resume is not None:
+        load_adapter(model, resume)
+    return model
+
+
+def save_head_in_full(model: nn.Module, name: str = "score") -> None:
+    """Record in the adapter config that the sibling module `name` (a sequence classifier's
+    head, outside `model`) trains in full and is saved in the adapter file, as peft's
+    `modules_to_save` with task SEQ_CLS does. The caller keeps that module trainable;
+    nothing is injected for it (it is not inside `model`)."""
+    import dataclasses
+
+    cfg = model.peft_config["default"]
+    model.peft_config = {"default": dataclasses.replace(cfg, task_type="SEQ_CLS", modules_to_save=[name])}
+
+
+def head_key(name: str = "score") -> str:
+    """The adapter-file key of a module saved in full (`save_head_in_full`)."""
+    return f"{_PREFIX}{name}.weight"
 
 
 def is_lora(model: nn.Module) -> bool:
@@ -90,11 +146,20 @@ def load_adapter(model: nn.Module, folder: str | Path) -> None:
         raise UserError(f"{path} not found: the checkpoint holds no LoRA adapter; resume a LoRA run "
                         "with the options that started it, or start a new run in another --out")
     tensors = load_file(str(path))
-    state = {k.removeprefix(_PREFIX): v for k, v in tensors.items()}
+    # Modules saved in full (a classifier head) are not inside `model`: the caller loads them.
+    full = tuple(f"{m}." for m in _saved_in_full(Path(folder)))
+    state = {k.removeprefix(_PREFIX): v for k, v in tensors.items() if not k.removeprefix(_PREFIX).startswith(full)}
     result = set_peft_model_state_dict(model, state, adapter_name="default")
     if getattr(result, "unexpected_keys", None):
         raise UserError(f"{path} does not fit this model's adapters ({result.unexpected_keys[:2]}); "
                         "use the same --lora-rank and --lora-targets as the run that wrote it")
+
+
+def _saved_in_full(folder: Path) -> list[str]:
+    try:
+        return list(json.loads((folder / ADAPTER_CONFIG).read_text()).get("modules_to_save") or [])
+    except (OSError, ValueError):
+        return []
 
 
 def base_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -124,3 +189,66 @@ def copy_adapter(src: str | Path, dest: str | Path) -> Path:
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         shutil.copyfile(Path(src) / name, dest / name)
     return dest
+
+
+# --------------------------------------------------------------------------------------
+# What the LoRA stages share: checkpoints and the merged model
+# --------------------------------------------------------------------------------------
+
+
+def adapter_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The LoRA tensors of a LoRA model's full state dict under PEFT's file keys."""
+    return {_PREFIX + k.replace(".default", ""): v for k, v in state.items() if ".lora_" in k}
+
+
+def split_checkpoint(state: dict[str, torch.Tensor], model: nn.Module, staging: Path, write: bool,
+                     heads: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], list[Path]]:
+    """A LoRA model's full state -> (the frozen base under plain names, the adapter files).
+
+    The adapter (plus `heads`, file key -> tensor, for modules saved in full) is written to
+    `staging` when `write` (the main rank); the checkpoint copies the files beside the base
+    weights, so the checkpoint loads as a plain model and resumes as a LoRA one."""
+    if write:
+        save_adapter(model, staging, adapter_tensors(state) | (heads or {}))
+    return base_state(state), [staging / ADAPTER_CONFIG, staging / ADAPTER_WEIGHTS]
+
+
+def checkpoint_weights(model: nn.Module, inner: nn.Module, out: Path, is_main: bool,
+                       extra: list[Path]) -> tuple[dict[str, torch.Tensor], object, list[Path]]:
+    """`Run.checkpoint_weights` of a LoRA language model: (base state, config, files).
+    model: the module the run calls (maybe wrapped or sharded); inner: the LoRA model."""
+    from qwen25.train import parallel
+
+    base, files = split_checkpoint(parallel.full_model_state(model), inner, Path(out) / STAGING, is_main)
+    return base, inner.config, [*extra, *files]
+
+
+def merged_model(ckpt: str | Path, cfg, config=None):
+    """The model of a LoRA checkpoint with its adapter folded into the weights (float32).
+    config: the ModelConfig to give it (default: the checkpoint's)."""
+    from qwen25.checkpoint import load_model
+    from qwen25.model.model import build_model
+
+    base = load_model(ckpt, dtype=torch.float32)
+    if config is not None:
+        base.config = config
+    add_lora(base, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+    load_adapter(base, ckpt)
+    merged = build_model(base.config, init=False)
+    merged.load_state_dict(merged_state(base), strict=False)  # strict=False: the tied lm_head is absent
+    merged.tie_weights()
+    merged.generation_config = base.generation_config
+    return merged
+
+
+def save_merged(ckpt: str | Path, dest: str | Path, cfg, config=None, generation_config: dict | None = None,
+                extra_files: Sequence[Path] = ()) -> Path:
+    """Write `merged_model(ckpt)` to `dest` as an HF folder, with `extra_files` (tokenizer)."""
+    from qwen25.checkpoint import save_model
+
+    model = merged_model(ckpt, cfg, config)
+    folder = save_model(model, dest, generation_config=generation_config or model.generation_config)
+    for f in extra_files:
+        if Path(f).exists():
+            shutil.copyfile(f, folder / Path(f).name)
+    return folder

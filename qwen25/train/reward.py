@@ -10,6 +10,13 @@ metrics.jsonl ("pairs" records); the held-out pairs are scored every `eval_every
 
 Checkpoints hold the decoder as a normal model folder plus `score_head.safetensors`; the
 finished model is exported to OUT/final as an HF `Qwen2ForSequenceClassification` folder.
+
+With `lora_rank` the decoder gets LoRA adapters (`lora.py`, as in SFT) and only they and the
+head train (the head in full, peft's `modules_to_save`). Checkpoints then also hold the
+adapter files, the head among them; OUT/adapter is that PEFT adapter (task SEQ_CLS, for a
+`Qwen2ForSequenceClassification` of the base `--model`), and OUT/final has the adapter
+merged into the decoder, since a plain sequence classifier is what GRPO and `reward score`
+load.
 """
 
 from __future__ import annotations
@@ -25,14 +32,16 @@ from safetensors.torch import load_file, save_file
 
 from qwen25.checkpoint import load_config, load_model
 from qwen25.errors import UserError
-from qwen25.train import parallel
+from qwen25.train import lora, parallel
 from qwen25.train.checkpointing import ResumeError
 from qwen25.train.dpo_loss import bradley_terry_loss, preference_metrics
+from qwen25.train.lora import LORA_TARGETS
 from qwen25.train.loop import SpikeGuard
 from qwen25.train.optim import SCHEDULES, build_optimizer, lr_multiplier
 from qwen25.train.pair_stage import (PairData, StepMetrics, heldout_batches, load_stage_tokenizer,
                                      micro_batches, plot_pair_metrics, tokenizer_files)
-from qwen25.train.reward_model import (ARCHITECTURE, RewardModel, load_reward_model, save_reward_model)
+from qwen25.train.reward_model import (ARCHITECTURE, HEAD_KEY, RewardModel, load_reward_model,
+                                       save_reward_model)
 from qwen25.train.run import Run, RunSettings, config_dict
 
 HEAD_FILE = "score_head.safetensors"
@@ -56,6 +65,10 @@ class RewardConfig:
     warmup_steps: int = 0  # linear warmup steps
     min_lr_ratio: float = 0.0  # final learning rate as a fraction of the peak
     decay_frac: float = 0.2  # wsd: share of the steps spent decaying
+    lora_rank: int = 0  # LoRA rank r on the decoder (0: train every weight); the head always trains
+    lora_alpha: float = 16.0  # LoRA alpha (updates scaled by alpha / r)
+    lora_dropout: float = 0.0  # dropout on the LoRA input
+    lora_targets: tuple[str, ...] = LORA_TARGETS  # linear layers that get adapters
     beta1: float = 0.9  # Adam beta1
     beta2: float = 0.999  # Adam beta2
     eps: float = 1e-8  # Adam epsilon
@@ -89,6 +102,7 @@ def validate(cfg: RewardConfig) -> None:
         raise UserError("epochs, batch_size and micro_batch must be >= 1 and max_length >= 2")
     if not 0 <= cfg.eval_fraction < 1 or cfg.center < 0:
         raise UserError("--eval-fraction must be in [0, 1) and --center >= 0")
+    lora.check_options(cfg)
 
 
 def reward_train(cfg: RewardConfig) -> dict[str, Any]:
@@ -132,13 +146,16 @@ def _reward_train(cfg: RewardConfig, world: parallel.World) -> dict[str, Any]:
     if run.resume is not None:
         inner = RewardModel(load_model(run.resume.path, dtype=torch.float32), pad)
         with torch.no_grad():
-            inner.score.weight.copy_(load_file(str(run.resume.path / HEAD_FILE))["score.weight"])
+            inner.score.weight.copy_(load_file(str(run.resume.path / HEAD_FILE))[HEAD_KEY])
     elif _is_reward_folder(cfg.model):
         inner = load_reward_model(cfg.model)
         inner.pad_token_id = pad
     else:
         inner = RewardModel(load_model(cfg.model, dtype=torch.float32), pad)
         inner.init_head(cfg.seed)
+    if cfg.lora_rank:  # the head (outside the backbone) stays trainable and goes into the adapter
+        lora.apply(inner.backbone, cfg, base=cfg.model, resume=run.resume.path if run.resume else None)
+        lora.save_head_in_full(inner.backbone, "score")
     inner = inner.to(world.device).train()
     model = parallel.parallelize(inner, world, mode="ddp" if cfg.parallel == "auto" else cfg.parallel)
     optimizer = build_optimizer(inner, cfg.lr, (cfg.beta1, cfg.beta2), cfg.eps, cfg.weight_decay)
@@ -147,10 +164,15 @@ def _reward_train(cfg: RewardConfig, world: parallel.World) -> dict[str, Any]:
 
     def weights():
         state = parallel.full_model_state(model)
+        head = state[HEAD_KEY].contiguous()
         if world.is_main:
-            save_file({"score.weight": state["score.weight"].contiguous()}, str(head_tmp))
+            save_file({HEAD_KEY: head}, str(head_tmp))
         backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
-        return backbone, inner.config, files + [head_tmp]
+        if not cfg.lora_rank:
+            return backbone, inner.config, files + [head_tmp]
+        base, adapter = lora.split_checkpoint(backbone, inner.backbone, Path(cfg.out) / lora.STAGING,
+                                              world.is_main, heads={lora.head_key("score"): head})
+        return base, inner.config, files + [head_tmp, *adapter]
 
     run.attach(model, inner, optimizer, SpikeGuard(), extra_files=files)
     run.checkpoint_weights(weights)
@@ -187,9 +209,14 @@ def _reward_train(cfg: RewardConfig, world: parallel.World) -> dict[str, Any]:
         return r
 
     def export(ckpt: Path) -> Path:
-        rm = RewardModel(load_model(ckpt, dtype=torch.float32), pad)
+        if cfg.lora_rank:
+            lora.copy_adapter(ckpt, Path(cfg.out) / "adapter")
+            backbone = lora.merged_model(ckpt, cfg)
+        else:
+            backbone = load_model(ckpt, dtype=torch.float32)
+        rm = RewardModel(backbone, pad)
         with torch.no_grad():
-            rm.score.weight.copy_(load_file(str(ckpt / HEAD_FILE))["score.weight"])
+            rm.score.weight.copy_(load_file(str(ckpt / HEAD_FILE))[HEAD_KEY])
         dest = save_reward_model(rm, Path(cfg.out) / "final")
         for f in files:
             shutil.copyfile(f, dest / f.name)
@@ -222,10 +249,11 @@ def _margins(data: PairData, use: bool) -> torch.Tensor:
 
 
 def _check_resume(ck, cfg: RewardConfig) -> None:
-    saved = ck.state.get("config", {})
-    for key in ("data", "batch_size", "seed", "max_length", "eval_fraction", "use_margin"):
-        if key in saved and saved[key] != getattr(cfg, key):
-            raise ResumeError(f"{cfg.out} was started with {key}={saved[key]!r}, not {getattr(cfg, key)!r}; "
+    saved, mine = ck.state.get("config", {}), config_dict(cfg)
+    for key in ("data", "batch_size", "seed", "max_length", "eval_fraction", "use_margin", "lora_rank",
+                "lora_targets"):
+        if key in saved and saved[key] != mine[key]:
+            raise ResumeError(f"{cfg.out} was started with {key}={saved[key]!r}, not {mine[key]!r}; "
                               "use the same settings to resume, or a new --out")
     if not (ck.path / HEAD_FILE).exists():
         raise ResumeError(f"{ck.path} has no {HEAD_FILE}: it is not a reward-model checkpoint")

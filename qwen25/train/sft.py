@@ -31,12 +31,12 @@ from typing import Any
 
 import torch
 
-from qwen25.checkpoint import load_config, load_model, save_model
+from qwen25.checkpoint import load_config, load_model
 from qwen25.config import ModelConfig
 from qwen25.data.chat import IGNORE_INDEX, Example, LoadReport, check_tokenizer, load_examples, read_jsonl
 from qwen25.data.chat_batches import ChatBatches, empty_batch, layout
 from qwen25.errors import UserError
-from qwen25.model.model import Transformer, build_model
+from qwen25.model.model import Transformer
 from qwen25.model.moe import load_balancing_loss
 from qwen25.train import checkpointing as ckpt_io
 from qwen25.train import lora, parallel
@@ -167,17 +167,14 @@ def _sft(cfg: SFTConfig, world: parallel.World) -> dict[str, Any]:
     model = load_model(run.resume.path if run.resume else cfg.model, dtype=torch.float32)
     model.config = mcfg
     if cfg.lora_rank:
-        lora.add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, seed=cfg.seed,
-                      base=str(Path(cfg.model).resolve()))
-        if run.resume is not None:
-            lora.load_adapter(model, run.resume.path)
+        lora.apply(model, cfg, base=cfg.model, resume=run.resume.path if run.resume else None)
     model = model.to(world.device).train()
     inner: Transformer = model
     model = parallel.parallelize(model, world, mode=cfg.parallel, activation_checkpointing=cfg.activation_checkpointing)
     optimizer = build_optimizer(inner, cfg.lr, (cfg.beta1, cfg.beta2), cfg.eps, cfg.weight_decay)
     extra = [tok_dir / f for f in TOKENIZER_FILES]
     if cfg.lora_rank:
-        run.checkpoint_weights(lambda: _lora_weights(run, model, inner, extra))
+        run.checkpoint_weights(lambda: lora.checkpoint_weights(model, inner, run.out, world.is_main, extra))
     run.attach(model, inner, optimizer, SpikeGuard(), extra_files=extra)
     if run.resume is not None:
         loader.load_state_dict(run.state["data"][world.rank])
@@ -235,17 +232,6 @@ def _sft(cfg: SFTConfig, world: parallel.World) -> dict[str, Any]:
                                      "steps_per_epoch": loader.steps_per_epoch, "lora": bool(cfg.lora_rank)})
 
 
-def _lora_weights(run: Run, model, inner, extra: list[Path]):
-    """A LoRA checkpoint: the frozen base under plain names, the adapter files beside it."""
-    state = parallel.full_model_state(model)
-    staging = run.out / ".adapter-staging"
-    if run.world.is_main:
-        lora.save_adapter(inner, staging, {lora._PREFIX + k.replace(".default", ""): v for k, v in state.items()
-                                           if ".lora_" in k})
-    return lora.base_state(state), inner.config, [*extra, staging / lora.ADAPTER_CONFIG,
-                                                  staging / lora.ADAPTER_WEIGHTS]
-
-
 def _export(cfg: SFTConfig, ckpt: Path, mcfg: ModelConfig, extra: list[Path], out: Path) -> Path:
     """OUT/final (full FT, or LoRA merged) and OUT/adapter (LoRA); generation_config with
     the chat eos ids either way. Returns the folder to use."""
@@ -258,18 +244,7 @@ def _export(cfg: SFTConfig, ckpt: Path, mcfg: ModelConfig, extra: list[Path], ou
     adapter = lora.copy_adapter(ckpt, out / "adapter")
     if not cfg.merge:
         return adapter
-    base = load_model(ckpt, dtype=torch.float32)
-    base.config = mcfg
-    lora.add_lora(base, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
-    lora.load_adapter(base, ckpt)
-    merged = build_model(mcfg, init=False)
-    merged.load_state_dict(lora.merged_state(base), strict=False)
-    merged.tie_weights()
-    dest = save_model(merged, out / "final", generation_config=gen)
-    for f in extra:
-        if f.exists():
-            (dest / f.name).write_bytes(f.read_bytes())
-    return dest
+    return lora.save_merged(ckpt, out / "final", cfg, config=mcfg, generation_config=gen, extra_files=extra)
 
 
 def _json(obj) -> str:

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from qwen25.data.chat import TRAIN_ON
 from qwen25.data.chat_batches import LAYOUTS
 from qwen25.errors import UserError
+from qwen25.train import lora
 from qwen25.train.config import PRECISIONS
+from qwen25.train.lora import LORA_TARGETS
 from qwen25.train.optim import SCHEDULES
 from qwen25.train.parallel import PARALLEL_MODES
-
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -110,11 +110,7 @@ def validate(cfg: SFTConfig, world_size: int = 1) -> None:
     need(cfg.epochs > 0 or cfg.steps > 0, "set epochs or steps to a positive number")
     need(0 <= cfg.eval_fraction < 1, "eval_fraction must be in [0, 1)")
     need(0 <= cfg.max_bad_fraction <= 1, "max_bad_fraction must be in [0, 1]")
-    need(cfg.lora_rank >= 0, "lora_rank must be >= 0 (0: full fine-tuning)")
-    need(cfg.lora_rank > 0 or not cfg.merge, "--merge needs LoRA (--lora-rank R)")
-    bad = [t for t in cfg.lora_targets if t not in LORA_TARGETS]
-    need(not bad, f"lora_targets {bad} are not linear layers of the model; use some of {', '.join(LORA_TARGETS)}")
-    need(0 <= cfg.lora_dropout < 1, "lora_dropout must be in [0, 1)")
+    lora.check_options(cfg)
     need(cfg.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
     need(min(cfg.eval_every, cfg.checkpoint_every, cfg.sample_every, cfg.stop_after_step, cfg.steps) >= 0,
          "eval_every, checkpoint_every, sample_every, stop_after_step and steps must be >= 0")
