@@ -121,3 +121,19 @@ def test_share_prefix_bad_input(tiny):
     engine.share_prefix([1, 2, 3])
     engine.share_prefix(None)  # forgets it
     assert engine.generate([[1, 2, 3, 4]], max_new_tokens=2, temperature=0.0)[0].tokens
+
+
+def test_batches_keep_shot_families_apart_and_unrelated_contexts_together():
+    """A batch whose contexts share shots is not diluted by another family (which would make
+    it unshared); contexts that share nothing still batch together."""
+    from qwen25.eval.loglik import _batches
+
+    rng = random.Random(4)
+    fam_a, fam_b = _shots(rng, 40), _shots(rng, 40)
+    ctxs = sorted([tuple(fam_a + _shots(rng, 5)) for _ in range(3)] + [tuple(fam_b + _shots(rng, 5)) for _ in range(3)])
+    groups = [(c, [i]) for i, c in enumerate(ctxs)]
+    conts = [[1, 2]] * len(ctxs)
+    sizes = [len(b) for b in _batches(groups, conts, 100_000, 64, share=True)]
+    assert sizes == [3, 3]
+    unrelated = sorted(tuple(_shots(rng, 50)) for _ in range(6))
+    assert [len(b) for b in _batches([(c, [i]) for i, c in enumerate(unrelated)], conts, 100_000, 64, True)] == [6]

@@ -102,7 +102,9 @@ def _batches(groups: list[tuple[tuple[int, ...], list[int]]], conts: list[list[i
             q = min(p, _common(batch[0][0], ctx), len(ctx) - 1) if share else 0
             q = q if q >= MIN_SHARED_PREFIX else 0
             cost = q + ctx_sum + len(ctx) - (len(batch) + 1) * q + cont_sum + t
-            if rows + len(members) > max_rows or cost > token_budget:
+            # a context from another family of shots would make the whole batch unshared
+            loses_prefix = share and len(batch) > 1 and p >= MIN_SHARED_PREFIX and not q
+            if rows + len(members) > max_rows or cost > token_budget or loses_prefix:
                 yield batch
                 batch, rows, ctx_sum, cont_sum = [], 0, 0, 0
         if not batch:
