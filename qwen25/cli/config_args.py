@@ -73,7 +73,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     for f in dataclasses.fields(cls):
         tp, optional = _strip_optional(hints[f.name])
         default = getattr(defaults, f.name)
-        help_text = f"{comments.get(f.name, '')} (default: {default!r})".strip()
+        # argparse %-formats help strings: a literal "3%" in a comment must be escaped
+        help_text = f"{comments.get(f.name, '')} (default: {default!r})".strip().replace("%", "%%")
         flag = "--" + f.name.replace("_", "-")
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
         origin = typing.get_origin(tp)
