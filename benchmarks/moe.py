@@ -4,11 +4,14 @@ Both sides train the same MoE config from the same weights on the same token bat
 same precision, with the load-balancing loss (coefficient from the config), gradient
 clipping at 1.0 and the same AdamW hyper-parameters. Ours runs the grouped expert path
 (`qwen25.model.moe.grouped_mm`); transformers 5 runs its own grouped_mm path by default,
-and its per-expert Python loop with `--eager-reference` (a third contender). Rounds
-alternate between the two, the medians are compared. A micro-benchmark of the expert
+and its per-expert Python loop with `--eager-reference` (another contender). Ours is timed
+eager and, as `qwen25 pretrain --compile` runs it, with each block and the cross entropy
+compiled (`--no-compile` skips that; the warmup step pays the compilation). Rounds
+alternate between the contenders, the medians are compared. A micro-benchmark of the expert
 layer alone (forward + backward, each backend) is printed too.
 
     python benchmarks/moe.py                       # CPU, fp32, the default small MoE
+    python benchmarks/moe.py --precision bf16      # bf16 autocast over fp32 weights, both sides
     python benchmarks/moe.py --device cuda --precision bf16 --hidden 1024 --experts 64 --seq-len 1024
 """
 
@@ -31,7 +34,7 @@ from qwen25.model.model import build_model  # noqa: E402
 from qwen25.model.moe import Experts, route  # noqa: E402
 from qwen25.train.loop import lm_loss, train_step  # noqa: E402
 from qwen25.train.optim import build_optimizer  # noqa: E402
-from qwen25.train.parallel import World  # noqa: E402
+from qwen25.train.parallel import World, parallelize  # noqa: E402
 
 
 def moe_config(args) -> ModelConfig:
@@ -54,15 +57,19 @@ def batches(cfg, n, micro, seq, device):
     return out
 
 
-def ours(cfg, args, device, micro):
+def ours(cfg, args, device, micro, compile: bool = False):
+    """Our trainer's step as `qwen25 pretrain` runs it; compile: its `--compile` option
+    (`parallel.parallelize(..., compile=True)` compiles each block, and `lm_loss(...,
+    compiled=True)` the cross entropy)."""
     model = build_model(cfg, device=device, dtype=torch.float32, seed=0).train()
-    opt = build_optimizer(model, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
     world = World(device=device)
+    model = parallelize(model, world, mode="none", compile=compile)
+    opt = build_optimizer(model, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
     dtype = torch.bfloat16 if args.precision == "bf16" else None
 
     def step():
-        train_step(model, opt, micro, lambda m, b: lm_loss(m, b, cfg), lr=1e-4, world=world, grad_clip=1.0,
-                   aux_coef=cfg.router_aux_loss_coef, autocast_dtype=dtype)
+        train_step(model, opt, micro, lambda m, b: lm_loss(m, b, cfg, compiled=compile), lr=1e-4, world=world,
+                   grad_clip=1.0, aux_coef=cfg.router_aux_loss_coef, autocast_dtype=dtype)
     return step
 
 
@@ -129,6 +136,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--eager-reference", action="store_true",
                    help="also time transformers with experts_implementation='eager' (its per-expert loop)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="skip timing ours with `qwen25 pretrain --compile` (torch.compile of blocks and loss)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     if args.threads:
@@ -148,11 +157,13 @@ def main() -> None:
     t0 = time.perf_counter()
     contenders = {"ours": synced(ours(cfg, args, device, micro)),
                   "transformers": synced(reference(cfg, args, device, micro))}
+    if not args.no_compile:
+        contenders["ours_compiled"] = synced(ours(cfg, args, device, micro, compile=True))
     if args.eager_reference:
         contenders["transformers_eager"] = synced(reference(cfg, args, device, micro, "eager"))
     med = alternate(contenders, rounds=args.rounds, warmup=1)
     layer = alternate({b: expert_layer(cfg, args.micro_batch * args.seq_len, device, b)
-                       for b in ("padded", "grouped", "loop")}, rounds=3, warmup=1)
+                       for b in ("segment", "padded", "grouped", "loop")}, rounds=3, warmup=1)
     n = count_parameters(cfg)
     result = {"device": str(device), "precision": args.precision, "threads": torch.get_num_threads(),
               "experts": cfg.num_experts, "top_k": cfg.num_experts_per_tok, "hidden": cfg.hidden_size,
@@ -161,6 +172,9 @@ def main() -> None:
               "ours_tokens_per_s": round(tokens / med["ours"], 1),
               "transformers_tokens_per_s": round(tokens / med["transformers"], 1),
               "ratio": round(med["transformers"] / med["ours"], 3),
+              **({"ours_compiled_tokens_per_s": round(tokens / med["ours_compiled"], 1),
+                  "ratio_compiled": round(med["transformers"] / med["ours_compiled"], 3)}
+                 if "ours_compiled" in med else {}),
               **({"transformers_eager_tokens_per_s": round(tokens / med["transformers_eager"], 1),
                   "ratio_vs_eager": round(med["transformers_eager"] / med["ours"], 3)}
                  if "transformers_eager" in med else {}),
@@ -173,10 +187,14 @@ def main() -> None:
           f"{result['active_params_M']}M active, {device}, {args.precision}, {tokens} tokens/step, "
           f"{result['threads']} threads")
     print(f"  ours          {result['ours_tokens_per_s']:10.1f} tokens/s")
+    if "ratio_compiled" in result:
+        print(f"  ours compiled {result['ours_compiled_tokens_per_s']:10.1f} tokens/s  (qwen25 pretrain --compile)")
     print(f"  transformers  {result['transformers_tokens_per_s']:10.1f} tokens/s")
     if "ratio_vs_eager" in result:
         print(f"  transformers (eager experts) {result['transformers_eager_tokens_per_s']:10.1f} tokens/s")
     print(f"  ratio ours / transformers: {result['ratio']:.2f}x  (median of {args.rounds} alternating rounds)")
+    if "ratio_compiled" in result:
+        print(f"  ratio ours compiled / transformers: {result['ratio_compiled']:.2f}x")
     if "ratio_vs_eager" in result:
         print(f"  ratio ours / transformers with its per-expert loop: {result['ratio_vs_eager']:.2f}x")
     print("  expert layer fwd+bwd (s): " + ", ".join(f"{k} {v:.3f}" for k, v in result["expert_layer_s"].items()))

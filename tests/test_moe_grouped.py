@@ -47,7 +47,7 @@ SHAPES = [(6, 16, 8), (5, 12, 6)]
 
 
 # The grouped kernel needs 16-byte aligned rows, so it is only asked for on the aligned shape.
-CASES = [(b, *s) for s in SHAPES for b in ("auto", "grouped", "padded", "loop")
+CASES = [(b, *s) for s in SHAPES for b in ("auto", "grouped", "segment", "padded", "loop")
          if not (b == "grouped" and (s[1] % 4 or s[2] % 4))]
 
 
@@ -78,7 +78,7 @@ def test_experts_forward_and_backward_equal_the_per_token_reference(backend, E, 
     assert torch.count_nonzero(fast.gate_up_proj.grad[E - 1]) == 0  # the unused expert learns nothing
 
 
-@pytest.mark.parametrize("backend", ["padded", "grouped"])
+@pytest.mark.parametrize("backend", ["padded", "grouped", "segment"])
 def test_grouped_mm_matches_the_loop_with_several_empty_groups(backend):
     if backend == "grouped" and not hasattr(torch, "_grouped_mm"):
         pytest.skip("this torch has no _grouped_mm")
@@ -173,3 +173,61 @@ def test_pretraining_loss_adds_the_router_z_loss_per_target_token():
     torch.testing.assert_close(ce, want_ce + 0.05 * z * keep.sum(), rtol=1e-5, atol=1e-4)
     plain, _, _ = lm_loss(model, {"input_ids": ids, "labels": labels}, cfg.replace(router_z_loss_coef=0.0))
     assert float((ce - plain).detach()) > 1e-3  # the term is really there
+
+
+@pytest.mark.parametrize("layout", ["in_out", "out_in_transposed"])
+def test_segment_mm_forward_and_backward_equal_the_loop(layout):
+    """The per-segment custom op, with weights given [G, in, out] or as the transposed view of
+    [G, out, in] storage (what Experts passes), against the loop under autograd, empty
+    segments included (their weight gradient is zero)."""
+    g = torch.Generator().manual_seed(5)
+    counts = torch.tensor([3, 0, 4, 0, 2])
+    x = torch.randn(int(counts.sum()), 8, generator=g)
+    stored = torch.randn(5, 6, 8, generator=g) if layout == "out_in_transposed" else torch.randn(5, 8, 6, generator=g)
+    grad = torch.randn(x.shape[0], 6, generator=g)
+    results = {}
+    for backend in ("segment", "loop"):
+        xi, wi = x.clone().requires_grad_(), stored.clone().requires_grad_()
+        w = wi.transpose(1, 2) if layout == "out_in_transposed" else wi
+        y = grouped_mm(xi, w, counts, backend)
+        y.backward(grad)
+        results[backend] = (y, xi.grad, wi.grad)
+    for a, b in zip(results["segment"], results["loop"]):
+        torch.testing.assert_close(a, b, **TOL)
+    w_grad = results["segment"][2]
+    assert w_grad.is_contiguous() and torch.count_nonzero(w_grad[1]) == 0 and torch.count_nonzero(w_grad[3]) == 0
+
+
+@pytest.mark.slow
+def test_compiled_moe_layer_is_one_graph_and_equals_the_reference():
+    """torch.compile(fullgraph=True) traces the whole MoE layer (no host sync, no
+    data-dependent shape), does not recompile when the routing changes, and its forward and
+    gradients equal the per-expert loop's."""
+    import torch._dynamo
+
+    cfg = ModelConfig.preset("tiny-moe").replace(vocab_size=64)
+    layers = {}
+    for backend in ("auto", "loop"):
+        torch.manual_seed(0)
+        layer = SparseMoE(cfg)
+        for p in layer.parameters():
+            torch.nn.init.normal_(p, std=0.2)
+        layer.experts.backend = backend
+        layers[backend] = layer
+    torch._dynamo.reset()
+    compiled = torch.compile(layers["auto"], fullgraph=True, dynamic=False)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for seed in (0, 1, 2):  # three different routings, one compilation
+            x = torch.randn(2, 7, cfg.hidden_size, generator=torch.Generator().manual_seed(seed))
+            outs, grads = {}, {}
+            for name, fn in (("compiled", compiled), ("loop", layers["loop"])):
+                xi = x.clone().requires_grad_()
+                y, logits = fn(xi)
+                (y.square().sum() + logits.sum()).backward()
+                outs[name], grads[name] = y, xi.grad
+            torch.testing.assert_close(outs["compiled"], outs["loop"], **TOL)
+            torch.testing.assert_close(grads["compiled"], grads["loop"], rtol=1e-5,
+                                       atol=1e-5 * float(grads["loop"].abs().max()))
+    for (name, p), q in zip(layers["auto"].named_parameters(), layers["loop"].parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-5 * float(q.grad.abs().max()),
+                                   msg=lambda m: f"{name}: {m}")

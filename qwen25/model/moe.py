@@ -10,10 +10,13 @@ Expert weights are stacked, [E, 2I, h] for gate|up and [E, h, I] for down (the c
 stores one tensor per expert; `checkpoint.py` stacks them). The (token, slot) assignments
 are sorted by expert once, and each of the two projections is then ONE grouped matmul over
 the contiguous per-expert segments (`grouped_mm`): torch's grouped matmul kernel on CUDA
-in bf16, else one padded `bmm` over [E, C, h] (faster than the CPU grouped kernel).
-Neither loops over experts in Python nor syncs with the host on the grouped path, and the
-router weights multiply the expert outputs inside autograd, so the router gets its gradient.
-`grouped_mm(..., backend="loop")` is the per-expert reference the tests compare against.
+in bf16; on CPU the `segment_mm` custom op (one matmul per segment written in place, no
+padding, opaque to torch.compile so a compiled block keeps one graph whatever the
+routing); elsewhere one padded `bmm` over [E, C, h]. Tokens go to their rows and come back
+by gathers whose gradients are gathers too (`_Rows`; no scatter-add), and the k expert
+outputs of a token are summed with its router weights inside autograd, so the router
+gets its gradient. `grouped_mm(..., backend="loop")` is the per-expert reference the
+tests compare against.
 
 Training losses on the router logits: the Switch/Qwen2-MoE load-balancing loss and the
 ST-MoE router z-loss (mean squared log-sum-exp of the logits; keeps them small so the
@@ -61,19 +64,43 @@ class Experts(nn.Module):
         """x [N, h]; idx, weights [N, k] -> sum_j weights[:, j] * expert_{idx[:, j]}(x)."""
         N, k = idx.shape
         flat = idx.reshape(-1)  # [N*k] expert of each (token, slot)
-        order = torch.argsort(flat, stable=True)
+        sorted_experts, order = torch.sort(flat, stable=True)  # order[i]: assignment at sorted row i
         token = order // k  # token of each sorted assignment
-        counts = torch.bincount(flat, minlength=self.num_experts)  # [E], stays on the device
-        xs = x[token]  # [N*k, h], grouped by expert
+        slot_of = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        # Assignments per expert from the sorted ids: static shapes (bincount's output size
+        # depends on the data, which torch.compile cannot trace), and it stays on the device.
+        ends = torch.searchsorted(sorted_experts, torch.arange(self.num_experts, device=flat.device), right=True)
+        counts = torch.diff(ends, prepend=ends.new_zeros(1))  # [E]
+        xs = _Rows.apply(x, token, slot_of, k)  # [N*k, h] = x[token], grouped by expert
         # Weights are stored [E, out, in] (checkpoint layout); grouped_mm takes [E, in, out].
         gate_up = grouped_mm(xs, self.gate_up_proj.transpose(1, 2), counts, self.backend)
         gate, up = gate_up.chunk(2, dim=-1)
         ys = grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), counts, self.backend)
-        ys = ys * weights.reshape(-1)[order, None].to(x.dtype)
-        return torch.zeros_like(x).index_add_(0, token, ys)
+        ys = _Rows.apply(ys, slot_of, order, 1).view(N, k, -1)  # back to (token, slot) order
+        return (ys * weights.unsqueeze(-1).to(x.dtype)).sum(1).to(x.dtype)  # sums in x.dtype (fp32 under autocast)
 
 
-BACKENDS = ("auto", "grouped", "padded", "loop")
+class _Rows(torch.autograd.Function):
+    """x[index] for an `index` whose inverse is known: back_index lists, for each row r of
+    x repeated k times ([N*k]: row r's copies at r*k .. r*k+k-1), where that copy went.
+    The gradient is then a gather and a sum over the k copies instead of the scatter-add
+    (index_put with accumulate) autograd uses for x[index] and `index_add_`, which on CPU
+    measured ~10x slower than a gather of the same size."""
+
+    @staticmethod
+    def forward(ctx, x, index, back_index, k):
+        ctx.save_for_backward(back_index)
+        ctx.k = k
+        return x[index]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (back_index,) = ctx.saved_tensors
+        g = grad[back_index]
+        return (g if ctx.k == 1 else g.view(-1, ctx.k, g.shape[-1]).sum(1)), None, None, None
+
+
+BACKENDS = ("auto", "grouped", "segment", "padded", "loop")
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, backend: str = "auto") -> torch.Tensor:
@@ -83,11 +110,19 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, backend: 
         dtype = torch.get_autocast_dtype(x.device.type)
         x, w = x.to(dtype), w.to(dtype)
     if backend == "auto":
-        backend = "grouped" if _grouped_kernel_fits(x, w) else "padded"
+        backend = ("grouped" if _grouped_kernel_fits(x, w) else
+                   "segment" if x.device.type == "cpu" else "padded")
     if backend == "grouped":
         offsets = torch.cumsum(counts, 0).to(torch.int32)  # end row of each group
         gmm = getattr(F, "grouped_mm", None) or torch._grouped_mm  # public from torch 2.10 on
         return gmm(x.contiguous(), w, offs=offsets)
+    if backend == "segment":
+        offsets = torch.cumsum(counts, 0)
+        if not w.is_contiguous() and w.transpose(1, 2).is_contiguous():
+            # A transposed view of [G, out, in] weights: pass the stored layout, so that the
+            # weight gradient comes out in it too (no copy when it is accumulated).
+            return torch.ops.qwen25.segment_mm(x.contiguous(), w.transpose(1, 2), offsets, True)
+        return torch.ops.qwen25.segment_mm(x.contiguous(), w.contiguous(), offsets, False)
     if backend == "padded":
         return _padded_mm(x, w, counts)
     if backend == "loop":
@@ -115,9 +150,75 @@ def _padded_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.
     return out.reshape(G * cap, w.shape[2])[flat]
 
 
+# ---- "segment": one matmul per expert segment, as a custom op ------------------------
+# A torch.library op with its own backward: torch.compile treats it as one opaque call
+# with a static output shape ([M, out], M = rows in), so a compiled block neither breaks
+# its graph on the per-expert row counts nor recompiles when they change, and there is no
+# padding (a padded bmm costs G x max-count rows: at initialisation routing is uneven and
+# that was ~2x the useful rows). Each segment is written in place into one output buffer,
+# so no concatenation or zero-padding either, forward or backward.
+
+
+@torch.library.custom_op("qwen25::segment_mm", mutates_args=())
+def _segment_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, trans_w: bool) -> torch.Tensor:
+    """Rows offsets[g-1]:offsets[g] of x [M, in] times w[g] ([G, in, out]; [G, out, in]
+    transposed if trans_w) -> [M, out]."""
+    out = x.new_empty(x.shape[0], w.shape[1] if trans_w else w.shape[2])
+    start = 0
+    for g, end in enumerate(offsets.tolist()):
+        if end > start:
+            torch.mm(x[start:end], w[g].T if trans_w else w[g], out=out[start:end])
+        start = end
+    return out
+
+
+@_segment_mm.register_fake
+def _(x, w, offsets, trans_w):
+    return x.new_empty(x.shape[0], w.shape[1] if trans_w else w.shape[2])
+
+
+@torch.library.custom_op("qwen25::segment_outer", mutates_args=())
+def _segment_outer(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Per segment g: a_g^T @ b_g for a [M, p], b [M, q] -> [G, p, q] (zero for empty
+    segments): the weight gradient of `segment_mm`."""
+    out = a.new_zeros(offsets.shape[0], a.shape[1], b.shape[1])
+    start = 0
+    for g, end in enumerate(offsets.tolist()):
+        if end > start:
+            torch.mm(a[start:end].T, b[start:end], out=out[g])
+        start = end
+    return out
+
+
+@_segment_outer.register_fake
+def _(a, b, offsets):
+    return a.new_empty(offsets.shape[0], a.shape[1], b.shape[1])
+
+
+def _segment_mm_setup(ctx, inputs, output):
+    x, w, offsets, trans_w = inputs
+    ctx.save_for_backward(x, w, offsets)
+    ctx.trans_w = trans_w
+
+
+def _segment_mm_backward(ctx, grad):
+    x, w, offsets = ctx.saved_tensors
+    grad = grad.contiguous()
+    grad_x = grad_w = None
+    if ctx.needs_input_grad[0]:  # y = x @ W  =>  dx = dy @ W^T
+        grad_x = torch.ops.qwen25.segment_mm(grad, w, offsets, not ctx.trans_w)
+    if ctx.needs_input_grad[1]:  # dW = x^T dy, stored as dy^T x when W is [G, out, in]
+        grad_w = (torch.ops.qwen25.segment_outer(grad, x, offsets) if ctx.trans_w
+                  else torch.ops.qwen25.segment_outer(x, grad, offsets))
+    return grad_x, grad_w, None, None
+
+
+_segment_mm.register_autograd(_segment_mm_backward, setup_context=_segment_mm_setup)
+
+
 # Where "auto" takes torch._grouped_mm. Its CPU kernel exists (and "grouped" uses it) but
 # measured slower than the one padded bmm for Qwen-MoE-like shapes (16 experts, top-4,
-# fp32, 2 threads: 3.4 s vs 1.7 s forward+backward), so on CPU "auto" means padded.
+# fp32, 2 threads: 3.4 s vs 1.7 s forward+backward), so on CPU "auto" means "segment".
 _KERNEL_DTYPES = {"cuda": (torch.bfloat16,)}
 
 
