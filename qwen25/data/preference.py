@@ -283,6 +283,38 @@ def collate_pairs(pairs: list[PreferencePair], pad_id: int, pad_to_multiple_of: 
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
 
 
+def collate_shared_prompt(pairs: list[PreferencePair], pad_id: int) -> dict[str, torch.Tensor]:
+    """One row per pair, [prompt | chosen | rejected], the prompt computed once for both.
+
+    The rejected tokens take the positions that follow the prompt (as chosen's do) and the
+    mask hides chosen from them, so every token sees exactly what it sees in its own
+    sequence: the same scores as `collate_pairs` rows to float rounding, with the prompt's
+    tokens run once instead of twice. Returns {"input_ids", "positions" [B, T] int64,
+    "attention_mask" [B, 1, T, T] bool, "chosen_last", "rejected_last" [B] (the index of
+    each response's last token)}.
+    """
+    B = len(pairs)
+    T = max(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    positions = torch.zeros((B, T), dtype=torch.long)
+    segment = torch.full((B, T), 3, dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected, 3 pad
+    chosen_last, rejected_last = [], []
+    for i, p in enumerate(pairs):
+        P, C, R = len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
+        ids[i, :P + C + R] = torch.tensor(p.prompt_ids + p.chosen_ids + p.rejected_ids)
+        positions[i, :P + C] = torch.arange(P + C)
+        positions[i, P + C:P + C + R] = torch.arange(P, P + R)
+        segment[i, :P], segment[i, P:P + C], segment[i, P + C:P + C + R] = 0, 1, 2
+        chosen_last.append(P + C - 1)
+        rejected_last.append(P + C + R - 1)
+    t = torch.arange(T)
+    q, k = segment[:, :, None], segment[:, None, :]
+    mask = (t[:, None] >= t[None, :]) & ~((q == 2) & (k == 1)) & (k != 3)
+    mask |= torch.eye(T, dtype=torch.bool)  # a pad query sees itself (no empty softmax row)
+    return {"input_ids": ids, "positions": positions, "attention_mask": mask[:, None],
+            "chosen_last": torch.tensor(chosen_last), "rejected_last": torch.tensor(rejected_last)}
+
+
 # --------------------------------------------------------------------------------------
 # Which pairs each step trains on
 # --------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from qwen25.data.preference import (PairStats, PreferencePair, collate_pairs, load_pairs, split_heldout,
+from qwen25.data.preference import (PairStats, PreferencePair, collate_pairs, collate_shared_prompt, load_pairs, split_heldout,
                                     step_pairs)
 from qwen25.errors import UserError
 from qwen25.train import parallel
@@ -71,9 +71,11 @@ class PairData:
 
 
 def collate(pairs: list[PreferencePair], indices: list[int], pad_id: int,
-            extra: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """`collate_pairs` of pairs[indices], plus extra[k][indices] for each per-pair tensor."""
-    batch = collate_pairs([pairs[i] for i in indices], pad_id)
+            extra: dict[str, torch.Tensor] | None = None, shared_prompt: bool = False) -> dict[str, torch.Tensor]:
+    """`collate_pairs` of pairs[indices] (or `collate_shared_prompt`), plus extra[k][indices]
+    for each per-pair tensor."""
+    chosen = [pairs[i] for i in indices]
+    batch = collate_shared_prompt(chosen, pad_id) if shared_prompt else collate_pairs(chosen, pad_id)
     idx = torch.tensor(indices, dtype=torch.long)
     for k, v in (extra or {}).items():
         batch[k] = v[idx]
@@ -83,22 +85,23 @@ def collate(pairs: list[PreferencePair], indices: list[int], pad_id: int,
 
 def micro_batches(data: PairData, step: int, *, batch_size: int, micro_batch: int, seed: int,
                   world: parallel.World, pad_id: int,
-                  extra: dict[str, torch.Tensor] | None = None) -> list[dict[str, torch.Tensor]]:
+                  extra: dict[str, torch.Tensor] | None = None,
+                  shared_prompt: bool = False) -> list[dict[str, torch.Tensor]]:
     """This rank's share of global step `step`, in collated micro-batches on its device."""
     mine = step_pairs(data.train, step, batch_size, seed, world.rank, world.world_size)
     out = []
     for start in range(0, len(mine), micro_batch):
-        b = collate(data.pairs, mine[start:start + micro_batch], pad_id, extra)
+        b = collate(data.pairs, mine[start:start + micro_batch], pad_id, extra, shared_prompt)
         out.append({k: v.to(world.device) for k, v in b.items()})
     return out
 
 
 def heldout_batches(data: PairData, micro_batch: int, world: parallel.World, pad_id: int,
-                    extra: dict[str, torch.Tensor] | None = None):
+                    extra: dict[str, torch.Tensor] | None = None, shared_prompt: bool = False):
     """The held-out pairs of this rank (rank r takes every world_size-th), collated."""
     mine = data.heldout[world.rank::world.world_size]
     for start in range(0, len(mine), micro_batch):
-        b = collate(data.pairs, mine[start:start + micro_batch], pad_id, extra)
+        b = collate(data.pairs, mine[start:start + micro_batch], pad_id, extra, shared_prompt)
         yield {k: v.to(world.device) for k, v in b.items()}
 
 

@@ -40,7 +40,7 @@ from qwen25.train.loop import SpikeGuard
 from qwen25.train.optim import SCHEDULES, build_optimizer, lr_multiplier
 from qwen25.train.pair_stage import (PairData, StepMetrics, heldout_batches, load_stage_tokenizer,
                                      micro_batches, plot_pair_metrics, tokenizer_files)
-from qwen25.train.reward_model import (ARCHITECTURE, HEAD_KEY, RewardModel, load_reward_model,
+from qwen25.train.reward_model import (ARCHITECTURE, HEAD_KEY, RewardModel, load_reward_model, pair_scores,
                                        save_reward_model)
 from qwen25.train.run import Run, RunSettings, config_dict
 
@@ -58,6 +58,7 @@ class RewardConfig:
     epochs: int = 1  # passes over the training pairs
     batch_size: int = 16  # pairs per optimizer step, all processes together
     micro_batch: int = 4  # pairs per forward pass on one process
+    shared_prompt: bool = True  # chosen and rejected in one row after one copy of the prompt (else two padded rows)
     max_length: int = 1024  # longest prompt + response in tokens; longer pairs are dropped (counted)
     eval_fraction: float = 0.1  # share of the pairs held out for the ranking accuracy
     lr: float = 1e-5  # peak learning rate
@@ -181,9 +182,10 @@ def _reward_train(cfg: RewardConfig, world: parallel.World) -> dict[str, Any]:
     metrics = StepMetrics()
     autocast = torch.bfloat16 if cfg.precision == "bf16" else None
     extra = {"margin": margins}
+    shared = _shared_prompt(cfg, inner)
 
     def loss_fn(m, batch):
-        rw, rl = m(batch["input_ids"], batch["attention_mask"]).chunk(2)
+        rw, rl = pair_scores(m, batch)
         losses = bradley_terry_loss(rw, rl, batch["margin"] if cfg.use_margin else None, cfg.center)
         metrics.add(preference_metrics(rw, rl), losses.shape[0])
         return losses.sum(), losses.shape[0]
@@ -196,7 +198,7 @@ def _reward_train(cfg: RewardConfig, world: parallel.World) -> dict[str, Any]:
     def next_batch() -> list:
         flush()
         return micro_batches(data, run.step, batch_size=cfg.batch_size, micro_batch=cfg.micro_batch,
-                             seed=cfg.seed, world=world, pad_id=pad, extra=extra)
+                             seed=cfg.seed, world=world, pad_id=pad, extra=extra, shared_prompt=shared)
 
     def evaluate(final: bool) -> dict:
         if not data.heldout:
@@ -260,6 +262,13 @@ def _check_resume(ck, cfg: RewardConfig) -> None:
 
 
 @torch.no_grad()
+def _shared_prompt(cfg: RewardConfig, model) -> bool:
+    """Whether batches put chosen and rejected behind one prompt: a [T, T] mask per row,
+    which dual chunk attention does not take (it runs the padded rows instead)."""
+    inner = getattr(model, "module", model)
+    return cfg.shared_prompt and inner.config.dual_chunk_attention is None
+
+
 def heldout_metrics(model, data: PairData, cfg: RewardConfig, world: parallel.World, pad: int, extra,
                     autocast) -> dict[str, float]:
     """Mean loss and rewards/* over the held-out pairs; rewards/accuracies is the share
@@ -267,9 +276,9 @@ def heldout_metrics(model, data: PairData, cfg: RewardConfig, world: parallel.Wo
     was = model.training
     model.eval()
     total = StepMetrics()
-    for b in heldout_batches(data, cfg.micro_batch, world, pad, extra):
+    for b in heldout_batches(data, cfg.micro_batch, world, pad, extra, _shared_prompt(cfg, model)):
         with torch.autocast(world.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-            rw, rl = model(b["input_ids"], b["attention_mask"]).chunk(2)
+            rw, rl = pair_scores(model, b)
         losses = bradley_terry_loss(rw, rl, b["margin"] if cfg.use_margin else None, cfg.center)
         total.add(preference_metrics(rw, rl) | {"loss": losses.sum()}, losses.shape[0])
     model.train(was)

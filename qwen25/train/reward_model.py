@@ -56,9 +56,18 @@ class RewardModel(nn.Module):
         g = torch.Generator(device=self.score.weight.device).manual_seed(seed)
         self.score.weight.normal_(0.0, self.config.initializer_range, generator=g)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, score_at: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [B, T], attention_mask [B, T] (1 real, 0 pad; None = no padding)
-        -> scores [B] float32, the head at each row's last real token."""
+        -> scores [B] float32, the head at each row's last real token.
+
+        With `score_at` [B, k] (indices into T): attention_mask is a [B, 1, T, T] bool mask
+        and positions [B, T] are given (`collate_shared_prompt`), and the scores [B, k] are
+        the head at those indices."""
+        if score_at is not None:
+            h, _ = self.backbone.hidden_states(input_ids, positions=positions, attention_mask=attention_mask)
+            pooled = h[torch.arange(h.shape[0], device=h.device)[:, None], score_at]  # [B, k, hidden]
+            return self.score(pooled).squeeze(-1).float()
         # Right padding needs no mask: in a causal model every real token attends to earlier,
         # real tokens only, and positions 0..T-1 are theirs (the unmasked kernel is faster).
         # Any other padding (left, gaps) goes through the mask and mask-derived positions.
@@ -67,6 +76,17 @@ class RewardModel(nn.Module):
         last = last_real_index(attention_mask, input_ids.shape[1], input_ids.device, input_ids.shape[0])
         pooled = h[torch.arange(h.shape[0], device=h.device), last]  # [B, hidden]
         return self.score(pooled).squeeze(-1).float()
+
+
+def pair_scores(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen scores [B], rejected scores [B]) of a collated batch: `collate_pairs` rows
+    (chosen rows, then rejected) or `collate_shared_prompt` rows (both after one prompt)."""
+    # through the module's __call__: a DDP wrapper must see the forward
+    if "chosen_last" not in batch:
+        return model(batch["input_ids"], batch["attention_mask"]).chunk(2)
+    at = torch.stack([batch["chosen_last"], batch["rejected_last"]], dim=1)  # [B, 2]
+    scores = model(batch["input_ids"], batch["attention_mask"], positions=batch["positions"], score_at=at)
+    return scores[:, 0], scores[:, 1]
 
 
 def last_real_index(attention_mask: torch.Tensor | None, T: int, device, B: int) -> torch.Tensor:
