@@ -60,17 +60,18 @@ def pair_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Pai
     """Summed response log-probs of a `collate_pairs` batch ([2B, T]: chosen rows first) from
     one forward pass, with the response lengths (IPO's per-token average needs them).
 
-    A plain `Transformer` applies its lm_head to the response positions only: the prompt's
-    logits are never needed, and at a 150k vocabulary the head is a large share of the
-    step. Wrapped models (DDP, FSDP2) go through their own forward, whose hooks must run."""
+    Our `Transformer` applies its lm_head to the response positions only (`logits_at`): the
+    prompt's logits are never needed, and at a 150k vocabulary the head is a large share of
+    the step. The call goes through the module given, so a DDP or FSDP2 wrapper's forward
+    hooks run, and wrapped or not the numbers are the same (the reference log-probs are
+    taken from the plain model, the policy's from the wrapped one: at step 0 they must tie
+    exactly, as on one process). Other models (HF ones) give full logits."""
     labels = batch["labels"]
-    if type(model) is not Transformer:
+    if not isinstance(getattr(model, "module", model), Transformer):  # DDP keeps the model in .module
         logps, count = sequence_logprobs(model(batch["input_ids"]), labels)
     else:
-        h, _ = model.hidden_states(batch["input_ids"])
         where = labels != IGNORE_INDEX
-        target = labels[where]  # [N] response tokens, row-major
-        lp = token_logprobs(model.lm_head(h[where]), target, 1.0)
+        lp = token_logprobs(model(batch["input_ids"], logits_at=where), labels[where], 1.0)  # [N] row-major
         rows = where.nonzero()[:, 0]
         logps = torch.zeros(labels.shape[0], dtype=lp.dtype, device=lp.device).index_add(0, rows, lp)
         count = where.sum(-1)

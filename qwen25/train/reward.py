@@ -157,6 +157,8 @@ def _reward_train(cfg: RewardConfig, world: parallel.World) -> dict[str, Any]:
     if cfg.lora_rank:  # the head (outside the backbone) stays trainable and goes into the adapter
         lora.apply(inner.backbone, cfg, base=cfg.model, resume=run.resume.path if run.resume else None)
         lora.save_head_in_full(inner.backbone, "score")
+    if inner.backbone.lm_head.weight is not inner.backbone.model.embed_tokens.weight:  # untied (7B+)
+        inner.backbone.lm_head.requires_grad_(False)  # never used: DDP would wait for its gradient
     inner = inner.to(world.device).train()
     model = parallel.parallelize(inner, world, mode="ddp" if cfg.parallel == "auto" else cfg.parallel)
     optimizer = build_optimizer(inner, cfg.lr, (cfg.beta1, cfg.beta2), cfg.eps, cfg.weight_decay)
@@ -165,7 +167,7 @@ def _reward_train(cfg: RewardConfig, world: parallel.World) -> dict[str, Any]:
 
     def weights():
         state = parallel.full_model_state(model)
-        head = state[HEAD_KEY].contiguous()
+        head = state[HEAD_KEY].contiguous() if world.is_main else None  # only rank 0 receives the state
         if world.is_main:
             save_file({HEAD_KEY: head}, str(head_tmp))
         backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
