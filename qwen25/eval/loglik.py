@@ -98,19 +98,18 @@ def _batches(groups: list[tuple[tuple[int, ...], list[int]]], conts: list[list[i
     for g in groups:
         ctx, members = g
         t = len(members) * max(len(conts[i]) for i in members)
+        # the batch's common prefix if ctx joins it (ctx alone: all but its last token)
+        joined = (min(p, _common(batch[0][0], ctx), len(ctx) - 1) if batch else len(ctx) - 1) if share else 0
         if batch:
-            q = min(p, _common(batch[0][0], ctx), len(ctx) - 1) if share else 0
-            q = q if q >= MIN_SHARED_PREFIX else 0
+            q = joined if joined >= MIN_SHARED_PREFIX else 0
             cost = q + ctx_sum + len(ctx) - (len(batch) + 1) * q + cont_sum + t
             # a context from another family of shots would make the whole batch unshared
             loses_prefix = share and len(batch) > 1 and p >= MIN_SHARED_PREFIX and not q
             if rows + len(members) > max_rows or cost > token_budget or loses_prefix:
                 yield batch
                 batch, rows, ctx_sum, cont_sum = [], 0, 0, 0
-        if not batch:
-            p = len(ctx) - 1 if share else 0
-        else:
-            p = min(p, _common(batch[0][0], ctx), len(ctx) - 1) if share else 0
+                joined = len(ctx) - 1 if share else 0
+        p = joined
         batch.append(g)
         rows += len(members)
         ctx_sum += len(ctx)
