@@ -3,6 +3,7 @@ random HF Qwen2 checkpoints sized to it (a 151k vocabulary would make every TRL 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -75,3 +76,16 @@ def write_pairs(path: Path, n: int, bad: bool = True) -> Path:
         lines += [json.dumps(same), json.dumps(empty), json.dumps({"prompt": "x"}), "{not json"]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def records(out: Path, kind: str) -> list[dict]:
+    """The `kind` rows of a run's metrics.jsonl (a last line cut by kill -9 is skipped)."""
+    recs = []
+    for line in (Path(out) / "metrics.jsonl").read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if r["kind"] == kind:
+            recs.append(r)
+    return recs

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from preference_support import lm_folder, train_small_tokenizer, write_pairs
+from preference_support import lm_folder, records, train_small_tokenizer, write_pairs
 from qwen25.checkpoint import load_model
 from qwen25.data.preference import collate_pairs, load_pairs
 from qwen25.errors import UserError
@@ -40,16 +40,6 @@ def _cfg(env, out, **kw) -> DPOConfig:
     return DPOConfig(**(base | kw))
 
 
-def _records(out: Path, kind: str) -> list[dict]:
-    recs = []
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if r["kind"] == kind:
-            recs.append(r)
-    return recs
 
 
 def test_reference_is_precomputed_once_and_equals_a_live_reference(env):
@@ -68,11 +58,11 @@ def test_reference_is_precomputed_once_and_equals_a_live_reference(env):
             lp = pair_logprobs(live, collate_pairs([pairs[i]], env["tok"].pad_token_id))
             assert float(stored["ref_chosen"][i]) == pytest.approx(float(lp.chosen), abs=1e-5)
             assert float(stored["ref_rejected"][i]) == pytest.approx(float(lp.rejected), abs=1e-5)
-    steps = _records(out, "pairs")
+    steps = records(out, "pairs")
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5]
     assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
             "logps/chosen"} <= steps[0].keys()
-    evals = _records(out, "eval")
+    evals = records(out, "eval")
     assert evals and "rewards/accuracies" in evals[-1]
     assert load_model(out / "final").config.vocab_size == len(env["tok"])
     # Re-running the finished run neither recomputes the reference nor trains again.
@@ -116,7 +106,7 @@ def test_kill9_then_rerun_gives_bitwise_equal_losses(env):
         ref_cfg = config(name, **kw)
         proc = _start(ref_cfg)
         assert proc.wait(timeout=300) == 0, proc.stderr.read()[-2000:]
-        reference = _records(env["root"] / name, "train")
+        reference = records(env["root"] / name, "train")
         assert [r["step"] for r in reference] == [1, 2, 3, 4, 5]
 
         killed = name.replace("ref", "killed")
@@ -126,18 +116,18 @@ def test_kill9_then_rerun_gives_bitwise_equal_losses(env):
             proc = _start(cfg)
             deadline = time.time() + 300
             while time.time() < deadline and proc.poll() is None:
-                if (out / "metrics.jsonl").exists() and any(r["step"] >= target for r in _records(out, "train")):
+                if (out / "metrics.jsonl").exists() and any(r["step"] >= target for r in records(out, "train")):
                     break
                 time.sleep(0.01)
             proc.send_signal(signal.SIGKILL)
             proc.wait()
         proc = _start(cfg)
         assert proc.wait(timeout=300) == 0, proc.stderr.read()[-2000:]
-        got = _records(out, "train")
+        got = records(out, "train")
         assert [r["step"] for r in got] == [1, 2, 3, 4, 5]
         for a, b in zip(reference, got):
             assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"], (name, a["step"])
-        pa, pb = _records(env["root"] / name, "pairs"), _records(out, "pairs")
+        pa, pb = records(env["root"] / name, "pairs"), records(out, "pairs")
         assert [r["rewards/margins"] for r in pa] == [r["rewards/margins"] for r in pb]
         wa = load_file(str(env["root"] / name / "final" / "model.safetensors"))
         wb = load_file(str(out / "final" / "model.safetensors"))

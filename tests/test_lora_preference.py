@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from preference_support import lm_folder, train_small_tokenizer, write_pairs
+from preference_support import lm_folder, records, train_small_tokenizer, write_pairs
 from qwen25.checkpoint import load_model
 from qwen25.cli import main
 from qwen25.data.preference import conversation_ids
@@ -59,16 +59,6 @@ def _rm_cfg(env, out, **kw) -> RewardConfig:
     return RewardConfig(**(_common(env, out) | LORA | kw))
 
 
-def _records(out: Path, kind: str) -> list[dict]:
-    recs = []
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by kill -9
-        if r["kind"] == kind:
-            recs.append(r)
-    return recs
 
 
 def _last_checkpoint(out: Path) -> Path:
@@ -128,7 +118,7 @@ def _kill_after_step(args: list[str], cfg, out: Path, step: int) -> None:
     proc = _start(args, path)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if (out / "metrics.jsonl").exists() and any(r["step"] >= step for r in _records(out, "train")):
+        if (out / "metrics.jsonl").exists() and any(r["step"] >= step for r in records(out, "train")):
             break
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
@@ -136,7 +126,7 @@ def _kill_after_step(args: list[str], cfg, out: Path, step: int) -> None:
 
 
 def _assert_same_run(a: Path, b: Path, weights: str) -> None:
-    ra, rb = _records(a, "train"), _records(b, "train")
+    ra, rb = records(a, "train"), records(b, "train")
     assert [r["step"] for r in ra] == [r["step"] for r in rb] == [1, 2, 3, 4, 5]
     for x, y in zip(ra, rb):
         assert (x["loss"], x["grad_norm"]) == (y["loss"], y["grad_norm"]), x["step"]
@@ -154,7 +144,7 @@ def test_dpo_lora_kill9_then_resume_is_bitwise_equal(env):
     _kill_after_step(["dpo"], cfg, out, 2)
     dpo(cfg)
     _assert_same_run(env["root"] / "dpo-ref", out, "adapter/adapter_model.safetensors")
-    pa, pb = _records(env["root"] / "dpo-ref", "pairs"), _records(out, "pairs")
+    pa, pb = records(env["root"] / "dpo-ref", "pairs"), records(out, "pairs")
     assert [r["rewards/margins"] for r in pa] == [r["rewards/margins"] for r in pb]
 
 

@@ -26,7 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from preference_support import lm_folder, train_small_tokenizer, write_pairs
+from preference_support import lm_folder, records, train_small_tokenizer, write_pairs
 from qwen25.train.dpo import REF_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,8 +65,6 @@ def _run(stage: str, config: Path, nproc: int) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def _records(out: Path, kind: str) -> list[dict]:
-    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
 
 
 def _max_diff(a: dict, b: dict, keys) -> float:
@@ -76,7 +74,7 @@ def _max_diff(a: dict, b: dict, keys) -> float:
 def _compare_runs(one: Path, two: Path, start: Path) -> float:
     """Assert the two runs match; returns the largest difference seen."""
     worst = 0.0
-    ta, tb = _records(one, "train"), _records(two, "train")
+    ta, tb = records(one, "train"), records(two, "train")
     assert [r["step"] for r in ta] == [r["step"] for r in tb] == list(range(1, STEPS + 1))
     for a, b in zip(ta, tb):
         assert a["tokens"] == b["tokens"] and not a["skipped"] and not b["skipped"]
@@ -84,7 +82,7 @@ def _compare_runs(one: Path, two: Path, start: Path) -> float:
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4, abs=TOL), (a, b)
         worst = max(worst, abs(a["loss"] - b["loss"]))
     for kind in ("pairs", "eval"):
-        ra, rb = _records(one, kind), _records(two, kind)
+        ra, rb = records(one, kind), records(two, kind)
         assert [r["step"] for r in ra] == [r["step"] for r in rb] and ra, kind
         for a, b in zip(ra, rb):
             keys = [k for k in a if "/" in k or k == "loss"]
@@ -124,7 +122,7 @@ def test_dpo_two_processes_match_one_and_store_the_same_reference(env, dpo_singl
     worst = _compare_runs(dpo_single, two, env["sft"])
     # step 1 scores the starting weights, which are the reference: the rewards tie exactly on
     # 2 ranks as on 1 (the wrapped policy and the plain reference compute the same numbers)
-    first = _records(two, "pairs")[0]
+    first = records(two, "pairs")[0]
     assert first["rewards/chosen"] == first["rewards/margins"] == first["rewards/accuracies"] == 0.0, first
 
     # reference log-probs: both ranks computed a share; the stored file is the 1-rank run's

@@ -9,14 +9,13 @@ import random
 import pytest
 import torch
 
-from preference_support import lm_folder, train_small_tokenizer, write_pairs
+from preference_support import lm_folder, records, train_small_tokenizer, write_pairs
 from qwen25.config import ModelConfig
 from qwen25.data.preference import PreferencePair, collate_pairs, collate_shared_prompt
 from qwen25.model.model import build_model
 from qwen25.train.dpo_loss import bradley_terry_loss
 from qwen25.train.reward import RewardConfig, reward_train
 from qwen25.train.reward_model import RewardModel, pair_scores
-from test_reward_stage import _records
 
 
 def _pairs(seed: int, n: int, vocab: int) -> list[PreferencePair]:
@@ -82,7 +81,7 @@ def test_reward_stage_losses_equal_with_and_without_the_shared_prompt(env):
         reward_train(RewardConfig(model=str(env["sft"]), data=str(env["pairs"]), out=str(out), batch_size=4,
                                   micro_batch=2, lr=1e-3, eval_fraction=0.1, checkpoint_every=100, eval_every=2,
                                   threads=1, max_length=128, shared_prompt=shared))
-        runs[shared] = list(zip(_records(out, "train"), _records(out, "pairs")))
+        runs[shared] = list(zip(records(out, "train"), records(out, "pairs")))
     assert len(runs[True]) == len(runs[False]) == 5
     for (ta, pa), (tb, pb) in zip(runs[True], runs[False]):
         assert abs(ta["loss"] - tb["loss"]) < 1e-5 and abs(ta["grad_norm"] - tb["grad_norm"]) < 1e-5

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from preference_support import lm_folder, train_small_tokenizer, write_pairs
+from preference_support import lm_folder, records, train_small_tokenizer, write_pairs
 from qwen25.cli import main
 from qwen25.data.preference import conversation_ids
 from qwen25.train.reward import RewardConfig, reward_train
@@ -39,16 +39,6 @@ def _cfg(env, out, **kw) -> RewardConfig:
     return RewardConfig(**(base | kw))
 
 
-def _records(out: Path, kind: str) -> list[dict]:
-    recs = []
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if r["kind"] == kind:
-            recs.append(r)
-    return recs
 
 
 def test_trains_exports_an_hf_folder_and_scores_from_the_cli(env, tmp_path):
@@ -57,7 +47,7 @@ def test_trains_exports_an_hf_folder_and_scores_from_the_cli(env, tmp_path):
     out = env["root"] / "run"
     summary = reward_train(_cfg(env, out, center=0.01))
     assert summary["step"] == 5 and summary["data"]["dropped"]["identical"] == 1
-    assert [r["step"] for r in _records(out, "pairs")] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in records(out, "pairs")] == [1, 2, 3, 4, 5]
     final = Path(summary["final"])
     ours = load_reward_model(final)
     hf = AutoModelForSequenceClassification.from_pretrained(final).eval()
@@ -122,20 +112,20 @@ def test_kill9_then_rerun_gives_bitwise_equal_losses(env):
 
     proc = _start(config("ref"))
     assert proc.wait(timeout=300) == 0, proc.stderr.read()[-2000:]
-    reference = _records(env["root"] / "ref", "train")
+    reference = records(env["root"] / "ref", "train")
     cfg, out = config("killed"), env["root"] / "killed"
     for target in (2, 4):
         proc = _start(cfg)
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:
-            if (out / "metrics.jsonl").exists() and any(r["step"] >= target for r in _records(out, "train")):
+            if (out / "metrics.jsonl").exists() and any(r["step"] >= target for r in records(out, "train")):
                 break
             time.sleep(0.01)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     proc = _start(cfg)
     assert proc.wait(timeout=300) == 0, proc.stderr.read()[-2000:]
-    got = _records(out, "train")
+    got = records(out, "train")
     assert [r["step"] for r in got] == [r["step"] for r in reference] == [1, 2, 3, 4, 5]
     for a, b in zip(reference, got):
         assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"], a["step"]
