@@ -295,3 +295,13 @@ def test_chat_mix_alternates_instruction_and_math_queries_each_scored_by_its_own
             assert got == want, (ex.id, text)
     with pytest.raises(rewards_mod.RewardError, match="no scorer"):
         rewards_mod.total_reward(rewards, "", "x", query("arithmetic", 0))
+
+
+def test_instruction_verifier_is_a_function_of_the_text():
+    # english_lowercase asks langdetect, which samples at random: unseeded, "\boxed{576}" came
+    # out English on some calls and Somali on others, so the same completion earned 0 or 1.
+    from qwen25.eval.tasks.ifbench import score_ifeval
+
+    doc = {"instruction_id_list": ["change_case:english_lowercase"], "kwargs": [{}], "prompt": "answer in lowercase"}
+    for text in ("\\boxed{576}", "so the answer is 576.", "ok 12"):
+        assert len({score_ifeval(text, doc) for _ in range(100)}) == 1, text

@@ -22,6 +22,12 @@ METRICS = ("prompt_strict", "prompt_loose", "instruction_strict", "instruction_l
 def _check(completion: str, doc: dict, registry: dict):
     """if-verifiable's verdict on `doc`'s constraints ("instruction_id_list", "kwargs", "prompt")."""
     from if_verifiable.common import evaluate_instructions
+    from langdetect import DetectorFactory
+
+    # The language checkers (english_lowercase, response_language, ...) call langdetect, which
+    # samples n-grams at random: unseeded, a short answer such as "\boxed{576}" is English on one
+    # call and not on the next. A score (and an RL reward) must be a function of the text.
+    DetectorFactory.seed = 0
 
     _, s = evaluate_instructions(response=completion, instruction_id_list=doc["instruction_id_list"],
                                  kwargs_list=doc["kwargs"], prompt=doc["prompt"], instruction_registry=registry)
