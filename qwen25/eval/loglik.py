@@ -98,8 +98,9 @@ def _batches(groups: list[tuple[tuple[int, ...], list[int]]], conts: list[list[i
     for g in groups:
         ctx, members = g
         t = len(members) * max(len(conts[i]) for i in members)
-        # the batch's common prefix if ctx joins it (ctx alone: all but its last token)
-        joined = (min(p, _common(batch[0][0], ctx), len(ctx) - 1) if batch else len(ctx) - 1) if share else 0
+        joined = 0  # the batch's common prefix if ctx joins it (ctx alone: all but its last token)
+        if share:
+            joined = min(p, _common(batch[0][0], ctx), len(ctx) - 1) if batch else len(ctx) - 1
         if batch:
             q = joined if joined >= MIN_SHARED_PREFIX else 0
             cost = q + ctx_sum + len(ctx) - (len(batch) + 1) * q + cont_sum + t
