@@ -71,12 +71,27 @@ def _ours(folder: str, mode: str, batch: int, tokens: int, group: int) -> dict:
             "threads": torch.get_num_threads()}
 
 
-def _llama(path: str, batch: int, tokens: int, threads: int) -> dict:
+def _llama(path: str, tokens: int, threads: int, extra_buffers: bool) -> dict:
+    """llama.cpp decoding at batch 1. extra_buffers=False opens the model with its plain CPU
+    buffers: on a CPU with AMX llama.cpp repacks q8_0 weights into an AMX buffer, and in some
+    builds that path segfaults; the parent then retries without it and labels the row."""
     import numpy as np
-    from llama_cpp import Llama
+    import llama_cpp
 
-    llm = Llama(model_path=path, n_ctx=PROMPT_LEN + tokens + 8, n_batch=PROMPT_LEN, n_threads=threads,
-                n_threads_batch=threads, verbose=False)
+    lib = llama_cpp.llama_cpp  # the ctypes module llama_cpp.Llama reads its defaults from
+    defaults = lib.llama_model_default_params
+
+    def params():
+        p = defaults()
+        p.use_extra_bufts = extra_buffers
+        return p
+
+    lib.llama_model_default_params = params
+    try:
+        llm = llama_cpp.Llama(model_path=path, n_ctx=PROMPT_LEN + tokens + 8, n_batch=PROMPT_LEN, n_threads=threads,
+                              n_threads_batch=threads, verbose=False)
+    finally:
+        lib.llama_model_default_params = defaults
     llm.eval(_prompts(1)[0])
     steps = []
     for _ in range(tokens + 2):
@@ -85,7 +100,8 @@ def _llama(path: str, batch: int, tokens: int, threads: int) -> dict:
         llm.eval([nxt])
         steps.append(time.perf_counter() - t0)
     steps = steps[2:]  # warm-up steps
-    return {"tok_s": 1 / statistics.median(steps), "path": "llama.cpp"}
+    return {"tok_s": 1 / statistics.median(steps),
+            "path": "llama.cpp" + ("" if extra_buffers else " (plain CPU buffers)")}
 
 
 def child(args) -> None:
@@ -93,7 +109,7 @@ def child(args) -> None:
 
     torch.set_num_threads(args.threads)
     if args.mode.startswith("llama"):
-        out = _llama(args.path, 1, args.tokens, args.threads)
+        out = _llama(args.path, args.tokens, args.threads, extra_buffers=args.mode == "llama")
     else:
         out = _ours(args.path, args.mode, args.batch, args.tokens, args.group)
     out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -147,11 +163,19 @@ def main() -> None:
             ("llama.cpp q4_0", "llama", ggufs["q4_0"], 1)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), THP_MEM_ALLOC_ENABLE="1")
     results = {}
-    for label, mode, path, batch in runs:
+
+    def run(mode: str, path: Path, batch: int):
         cmd = [sys.executable, __file__, "--child", "--mode", mode, "--path", str(path), "--batch", str(batch),
                "--threads", str(args.threads), "--tokens", str(args.tokens), "--group", str(args.group)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        return proc, [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+
+    for label, mode, path, batch in runs:
+        proc, line = run(mode, path, batch)
+        if mode == "llama" and (proc.returncode or not line):
+            print(f"{label}: llama.cpp failed with its extra buffers (rc {proc.returncode}); retrying "
+                  "with plain CPU buffers", file=sys.stderr)
+            proc, line = run("llama-plain", path, batch)
         if proc.returncode or not line:
             print(f"{label}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
             continue
