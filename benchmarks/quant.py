@@ -89,7 +89,7 @@ def _llama(path: str, tokens: int, threads: int, extra_buffers: bool) -> dict:
     lib.llama_model_default_params = params
     try:
         llm = llama_cpp.Llama(model_path=path, n_ctx=PROMPT_LEN + tokens + 8, n_batch=PROMPT_LEN, n_threads=threads,
-                              n_threads_batch=threads, verbose=False)
+                              n_threads_batch=threads, verbose=False, logits_all=True)
     finally:
         lib.llama_model_default_params = defaults
     llm.eval(_prompts(1)[0])
