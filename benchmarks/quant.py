@@ -76,22 +76,11 @@ def _llama(path: str, tokens: int, threads: int, extra_buffers: bool) -> dict:
     buffers: on a CPU with AMX llama.cpp repacks q8_0 weights into an AMX buffer, and in some
     builds that path segfaults; the parent then retries without it and labels the row."""
     import numpy as np
-    import llama_cpp
 
-    lib = llama_cpp.llama_cpp  # the ctypes module llama_cpp.Llama reads its defaults from
-    defaults = lib.llama_model_default_params
+    from qwen25.formats.llama_cpp import open_llama
 
-    def params():
-        p = defaults()
-        p.use_extra_bufts = extra_buffers
-        return p
-
-    lib.llama_model_default_params = params
-    try:
-        llm = llama_cpp.Llama(model_path=path, n_ctx=PROMPT_LEN + tokens + 8, n_batch=PROMPT_LEN, n_threads=threads,
-                              n_threads_batch=threads, verbose=False, logits_all=True)
-    finally:
-        lib.llama_model_default_params = defaults
+    llm = open_llama(path, extra_buffers=extra_buffers, n_ctx=PROMPT_LEN + tokens + 8, n_batch=PROMPT_LEN,
+                     n_threads=threads, n_threads_batch=threads, verbose=False, logits_all=True)
     llm.eval(_prompts(1)[0])
     steps = []
     for _ in range(tokens + 2):

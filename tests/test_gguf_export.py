@@ -11,6 +11,7 @@ import torch
 from qwen25 import ModelConfig, build_model, save_model
 from qwen25.formats import gguf_names as names
 from qwen25.formats.gguf_export import GGUFExportError, decode_tensor, export_gguf, tensor_type
+from qwen25.formats.llama_cpp import open_llama
 from qwen25.tokenizer import load_tokenizer
 
 # 64 wide, 176 MLP (rows not a multiple of 32: f16 fallback); a small vocabulary keeps the
@@ -176,29 +177,16 @@ def _reference_model(path, cfg):
     return model
 
 
-def _open_llama(llama_cpp, path):
-    """llama.cpp on `path` with its plain CPU buffers. Built on a CPU with AMX, llama.cpp repacks
-    q8_0 weights into an AMX buffer, and that path segfaults in eval on these tiny shapes."""
-    lib = llama_cpp.llama_cpp  # the ctypes module llama_cpp.Llama reads its defaults from
-    defaults = lib.llama_model_default_params
-
-    def plain_buffers():
-        params = defaults()
-        params.use_extra_bufts = False
-        return params
-
-    lib.llama_model_default_params = plain_buffers
-    try:
-        return llama_cpp.Llama(model_path=str(path), n_ctx=128, n_threads=1, n_batch=64, verbose=False, logits_all=True)
-    finally:
-        lib.llama_model_default_params = defaults
+def _open_llama(path):
+    # plain CPU buffers: llama.cpp's AMX repack path segfaults in eval on these tiny shapes
+    return open_llama(path, n_ctx=128, n_threads=1, n_batch=64, verbose=False, logits_all=True)
 
 
 def _llama_greedy(path, prompt: list[int], steps: int) -> list[int]:
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
     import numpy as np
 
-    llm = _open_llama(llama_cpp, path)
+    llm = _open_llama(path)
     llm.eval(prompt)
     out = []
     for _ in range(steps):
@@ -216,10 +204,10 @@ def _our_greedy(model, prompt: list[int], steps: int) -> list[int]:
 
 
 def _llama_logits(path, seq: list[int]) -> torch.Tensor:
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
     import numpy as np
 
-    llm = _open_llama(llama_cpp, path)
+    llm = _open_llama(path)
     llm.eval(seq)
     return torch.tensor(np.array(llm.scores[:len(seq)]))
 
