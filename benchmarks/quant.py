@@ -93,6 +93,19 @@ def _llama(path: str, tokens: int, threads: int, extra_buffers: bool) -> dict:
             "path": "llama.cpp" + ("" if extra_buffers else " (plain CPU buffers)")}
 
 
+def _peak_rss_mib() -> float:
+    """This process's peak RSS. Not getrusage: Linux carries ru_maxrss across exec, so every
+    child would report the parent's peak (the float model it exported) instead of its own."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def child(args) -> None:
     import torch
 
@@ -101,7 +114,7 @@ def child(args) -> None:
         out = _llama(args.path, args.tokens, args.threads, extra_buffers=args.mode == "llama")
     else:
         out = _ours(args.path, args.mode, args.batch, args.tokens, args.group)
-    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_rss_mib"] = _peak_rss_mib()
     print("RESULT " + json.dumps(out))
 
 
