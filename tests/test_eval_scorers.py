@@ -153,3 +153,27 @@ def test_ifbench_scorer_keeps_and_rejects():
     assert score_ifbench(good, ex)["prompt_strict"] == 1.0
     s = score_ifbench(bad, ex)
     assert s["prompt_strict"] == 0.0 and s["instruction_loose"] == 0.0
+
+
+def test_ifbench_leaves_prompts_unscored_when_their_checker_lacks_nltk_data(monkeypatch):
+    """A checker that needs NLTK data this machine lacks (LookupError) leaves its prompt
+    unscored whatever the response, instead of failing the run or scoring a miss."""
+    pytest.importorskip("if_verifiable")
+    from if_verifiable.ifbench.instructions_registry import INSTRUCTION_DICT
+
+    from qwen25.eval.tasks import get_task
+    from qwen25.eval.tasks import ifbench
+
+    ex = next(e for e in get_task("ifbench").examples() if e.target == ("count:keywords_multiple",))
+    checker = INSTRUCTION_DICT["count:keywords_multiple"]
+
+    def needs_missing_data(self, value):
+        raise LookupError("Resource punkt_tab not found.")
+
+    monkeypatch.setattr(checker, "check_following", needs_missing_data)
+    ifbench._checkable.cache_clear()
+    try:
+        assert ifbench.score_ifbench("anything at all", ex) == {}
+        assert ifbench.score_ifbench("", ex) == {}  # empty answers too: the same prompts are scored
+    finally:
+        ifbench._checkable.cache_clear()

@@ -108,7 +108,7 @@ def _run_gen(backend, task, examples: list[GenExample], cfg: EvalConfig, rows: l
     scores, passed = [], []
     for ex, outs in zip(examples, completions):
         each = [task.score(c, ex) for c in outs]
-        s = {m: sum(e[m] for e in each) / len(each) for m in each[0]}
+        s = {m: sum(e[m] for e in each) / len(each) for m in each[0]} if each else {}
         passed.append([e.get("pass@1", 0.0) == 1.0 for e in each])
         scores.append(s)
         rows.append({"id": ex.id, "target": ex.target if isinstance(ex.target, (str, int, float)) else None,
@@ -152,6 +152,9 @@ def run_task(backend, name: str, cfg: EvalConfig, progress=None) -> tuple[dict, 
              "seconds": time.monotonic() - start, "kind": task.kind, "description": task.description}
     for k, v in extra.items():
         entry["metrics"][k] = {"value": v, "stderr": None}
+    unscored = sum(1 for sc in scores if task.metrics[0] not in sc)
+    if unscored:  # items the task's scorer cannot judge on this machine (IFBench offline)
+        entry["n_scored"] = len(scores) - unscored
     if cfg.train_data:
         entry["contamination"] = _contamination(examples, cfg.train_data)
     return entry, rows

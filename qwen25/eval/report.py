@@ -23,6 +23,11 @@ def _is_pct(entry: dict) -> bool:
     return not entry.get("lower_is_better")
 
 
+def _n(e: dict) -> str:
+    """Items evaluated, and how many the scorer could judge when that is fewer."""
+    return f"{e['n_scored']} of {e['n']} scored" if "n_scored" in e else str(e["n"])
+
+
 def task_rows(results: dict) -> list[list[str]]:
     rows = []
     for name, e in results["tasks"].items():
@@ -32,7 +37,7 @@ def task_rows(results: dict) -> list[list[str]]:
         others = ", ".join(f"{k} {_fmt(v['value'], pct)}" for k, v in m.items() if k != e["primary"])
         cont = e.get("contamination")
         rows.append([name, e["primary"], f"{_fmt(prim.get('value'), pct)} ± {_fmt(prim.get('stderr'), pct)}",
-                     others or "-", str(e["n"]), str(e.get("num_fewshot", "-")), f"{e.get('seconds', 0):.1f}",
+                     others or "-", _n(e), str(e.get("num_fewshot", "-")), f"{e.get('seconds', 0):.1f}",
                      f"{100 * cont['fraction']:.1f}% ({cont['items']})" if cont else "-"])
     return rows
 

@@ -8,9 +8,19 @@ the IFEval/IFBench papers define them:
   accepts the response with its first/last line or markdown asterisks removed);
 - instruction-level strict / loose: the fraction of instructions followed.
 The prompts are instructions to an assistant: run with --chat on an instruct model.
+
+Offline, four IFBench instruction types cannot be checked: words:words_position,
+ratio:stop_words, words:start_verb and format:title_case call NLTK models (punkt, stopwords,
+the POS tagger) that NLTK downloads on first use and no package ships. A prompt with one of
+them is left unscored (25 of 294 prompts when NLTK's data is absent) rather than failing the
+run or counting as a miss; results.json states how many were scored. With the NLTK data
+installed (`python -m nltk.downloader punkt_tab stopwords averaged_perceptron_tagger_eng`)
+every prompt is scored.
 """
 
 from __future__ import annotations
+
+from functools import lru_cache
 
 from qwen25.eval.tasks import data
 from qwen25.eval.tasks.base import GenExample, Task, user_message
@@ -34,10 +44,42 @@ def _check(completion: str, doc: dict, registry: dict):
     return s
 
 
-def score_ifbench(completion: str, example: GenExample) -> dict[str, float]:
-    """Prompt- and instruction-level strict/loose scores of one response."""
+_PROBE_TEXT = "The quick brown fox jumps over the lazy dog. It ran away, and the dog slept on."
+
+
+@lru_cache(maxsize=None)
+def _checkable(instruction_id: str, kwargs: str, prompt: str) -> bool:
+    """Whether this instruction's checker runs here: False when it needs NLTK data that is
+    not installed (a LookupError). Decided on a fixed text, so it depends on the instruction,
+    never on the response being scored."""
+    import json
+
+    from if_verifiable.common import evaluate_instructions
     from if_verifiable.ifbench.instructions_registry import INSTRUCTION_DICT
 
+    try:
+        evaluate_instructions(response=_PROBE_TEXT, instruction_id_list=[instruction_id],
+                              kwargs_list=[json.loads(kwargs)], prompt=prompt, instruction_registry=INSTRUCTION_DICT)
+    except LookupError:
+        return False
+    return True
+
+
+def scorable(doc: dict) -> bool:
+    """Whether every instruction of an IFBench prompt can be checked on this machine."""
+    import json
+
+    return all(_checkable(i, json.dumps(k, sort_keys=True), doc["prompt"])
+               for i, k in zip(doc["instruction_id_list"], doc["kwargs"]))
+
+
+def score_ifbench(completion: str, example: GenExample) -> dict[str, float]:
+    """Prompt- and instruction-level strict/loose scores of one response; {} (unscored) when
+    one of its instructions cannot be checked here (see the module docstring)."""
+    from if_verifiable.ifbench.instructions_registry import INSTRUCTION_DICT
+
+    if not scorable(example.doc):
+        return {}
     s = _check(completion, example.doc, INSTRUCTION_DICT)
     return {"prompt_strict": s.binary_strict, "prompt_loose": s.binary_loose,
             "instruction_strict": s.partial_strict, "instruction_loose": s.partial_loose}
