@@ -17,8 +17,11 @@ never evaluated:
 - "chat_mix": "instructions" and "synth_math_chat" queries alternating (the speedrun's GRPO
   mix, so the math answer format is rehearsed while the constraints are learned), scored
   by the "verifier" reward: each query by its own set's scorer;
-- "arithmetic": seeded two- and three-digit sums, differences and products, asked the same
-  way (a task a small instruct model half-solves, so rewards vary within a group).
+- "arithmetic": seeded small sums (2..49 + 2..49), differences (10..59 - 2..9) and
+  single-digit products, asked the same way: a task a small instruct model sometimes
+  solves, so rewards vary within a group. (Measured: SmolLM2-135M-Instruct got 0 of 120
+  three-digit sums, differences and two-digit products right, so GRPO had no signal; on
+  these it is right 15-33% of the time, mostly not in the asked format.)
 
 Both are pure functions of (name, index): rollouts are reproducible across resumes.
 """
@@ -74,10 +77,12 @@ def _chat_mix(i: int) -> GenExample:
 def _arithmetic(i: int) -> GenExample:
     r = random.Random(f"arithmetic:{i}")
     op = r.choice("+-*")
-    if op == "*":
-        a, b = r.randint(11, 99), r.randint(2, 19)
+    if op == "+":
+        a, b = r.randint(2, 49), r.randint(2, 49)
+    elif op == "-":
+        a, b = r.randint(10, 59), r.randint(2, 9)
     else:
-        a, b = r.randint(100, 999), r.randint(10, 999)
+        a, b = r.randint(2, 9), r.randint(2, 9)
     answer = {"+": a + b, "-": a - b, "*": a * b}[op]
     question = f"What is {a} {op} {b}?"
     return GenExample(id=f"arithmetic/{i}", prompt=f"Question: {question}\nAnswer:", messages=_chat(question),
