@@ -54,7 +54,10 @@ def _latex(prompt: str, completion: str, example) -> float:
 def _ifbench(prompt: str, completion: str, example) -> float:
     from qwen25.eval.tasks.ifbench import score_ifbench
 
-    return float(score_ifbench(completion, example)["prompt_strict"])
+    s = score_ifbench(completion, example)
+    if not s:  # the sample is dropped and counted, like any reward that cannot judge it
+        raise ValueError("an instruction of this prompt needs NLTK data that is not installed")
+    return float(s["prompt_strict"])
 
 
 def _ifeval(prompt: str, completion: str, example) -> float:
