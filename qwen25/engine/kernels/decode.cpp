@@ -81,7 +81,7 @@ void run(const Kernels<T>& kern, const Job* jobs, const std::vector<Chunk>& chun
   parallel_for(int64_t(chunks.size()), nthreads, [&](int64_t c, int) {
     const Chunk& ch = chunks[size_t(c)];
     const Job& jb = jobs[ch.job];
-    if (jb.q) q25q::qrows(*jb.q, K, qx->get(*jb.q), M, jb.y, ldy, ch.n0, ch.n1, jb.N);
+    if (jb.q) q25q::qrows(*jb.q, K, qx->get(*jb.q), M, jb.y, ldy, ch.n0, ch.n1);
     else kern.rows(static_cast<const T*>(jb.W), K, x, M, jb.y, ldy, ch.n0, ch.n1);
     post(c, ch);
   });

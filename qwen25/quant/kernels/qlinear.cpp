@@ -27,7 +27,7 @@ int q25q_linear(int bits, const float* x, int64_t M, int64_t K, const uint8_t* q
   const int64_t items = (N + step - 1) / step;
   q25::parallel_for(items, nthreads, [&](int64_t i, int) {
     const int64_t n0 = i * step, n1 = std::min(N, n0 + step);
-    q25q::qrows(q, K, xs.data(), M, y, N, n0, n1, N);
+    q25q::qrows(q, K, xs.data(), M, y, N, n0, n1);
   });
   return 0;
 }
