@@ -108,7 +108,7 @@ def _run_gen(backend, task, examples: list[GenExample], cfg: EvalConfig, rows: l
     scores, passed = [], []
     for ex, outs in zip(examples, completions):
         each = [task.score(c, ex) for c in outs]
-        s = {m: sum(e[m] for e in each) / len(each) for m in each[0]} if each else {}
+        s = {m: sum(e[m] for e in each) / len(each) for m in each[0]}
         passed.append([e.get("pass@1", 0.0) == 1.0 for e in each])
         scores.append(s)
         rows.append({"id": ex.id, "target": ex.target if isinstance(ex.target, (str, int, float)) else None,
