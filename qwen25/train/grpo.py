@@ -36,7 +36,6 @@ from qwen25.engine import Engine, SamplingParams
 from qwen25.engine.dispatch import Dispatcher
 from qwen25.engine.engine import default_stop_ids
 from qwen25.errors import UserError
-from qwen25.model.logprobs import token_logprobs
 from qwen25.train import parallel
 from qwen25.train.grpo_config import GRPOConfig, validate
 from qwen25.train.grpo_loss import grpo_loss, group_advantages, order_by_reward_variance
@@ -152,9 +151,34 @@ def micro_batches(samples: list[dict], size: int, ref_model=None, temperature: f
                  "advantages": torch.tensor([s["advantage"] for s in part], dtype=torch.float32)}
         if ref_model is not None:
             with torch.no_grad():
-                batch["ref_logp"] = token_logprobs(ref_model(ids).float(), targets, temperature)
+                batch["ref_logp"] = answer_logprobs(ref_model, ids, targets, mask, temperature)[0]
         out.append(batch)
     return out
+
+
+def answer_logprobs(model, ids: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, temperature: float,
+                    entropy: bool = False, chunk: int = 512) -> tuple[torch.Tensor, float]:
+    """log p_T of the answer tokens as [B, L] (0 off the answer; differentiable) and, when asked,
+    the summed entropy of those positions' distributions (a float, no gradient).
+
+    The lm_head runs on the answer positions only (`logits_at`), and one log-softmax serves
+    both the log-probs and the entropy, so a micro-batch holds one [answer tokens, vocab]
+    float32 array and its gradient instead of the several [B, L, vocab] copies a plain
+    full-logits loss makes (on a CPU, fresh multi-GB arrays per micro-batch were most of the
+    update's time, spent in page faults)."""
+    where = mask.bool()
+    logits = model(ids, logits_at=where).float()  # [N, V], row-major over (b, t)
+    if temperature != 1.0:
+        logits = logits / temperature
+    lp = torch.log_softmax(logits, dim=-1)
+    chosen = lp.gather(-1, targets[where].unsqueeze(-1)).squeeze(-1)
+    total = 0.0
+    if entropy:
+        with torch.no_grad():
+            for i in range(0, lp.shape[0], chunk):
+                part = lp[i:i + chunk]
+                total -= float((part.exp() * part).sum())
+    return torch.zeros(mask.shape, dtype=chosen.dtype, device=chosen.device).masked_scatter(where, chosen), total
 
 
 class GRPOObjective:
@@ -169,15 +193,12 @@ class GRPOObjective:
 
     def __call__(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
-        logits = model(batch["input_ids"]).float() / cfg.temperature
-        logp = token_logprobs(logits, batch["targets"])
+        logp, entropy = answer_logprobs(model, batch["input_ids"], batch["targets"], batch["mask"],
+                                        cfg.temperature, entropy=True)
         out = grpo_loss(logp, batch["old_logp"], batch["advantages"], batch["mask"], eps_low=cfg.eps_low,
                         eps_high=cfg.eps_high, beta=cfg.beta, ref_logp=batch.get("ref_logp"),
                         aggregation=cfg.aggregation, max_length=cfg.max_new_tokens)
-        with torch.no_grad():
-            lp = torch.log_softmax(logits, dim=-1)
-            entropy = -(lp.exp() * lp).sum(-1)
-            self.sums["entropy"] += float((entropy * batch["mask"]).sum())
+        self.sums["entropy"] += entropy
         self.sums["tokens"] += float(out.tokens)
         self.sums["clipped"] += float(out.clipped_sum)
         self.sums["kl"] += float(out.kl_sum)

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from qwen25.errors import UserError
+from qwen25.train.host_memory import keep_freed_memory
 
 PARALLEL_MODES = ("auto", "none", "ddp", "fsdp")
 
@@ -63,6 +64,8 @@ def init_world(device: str = "auto") -> World:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, local_rank)
+    if dev.type == "cpu":
+        keep_freed_memory()  # the same large arrays every micro-batch: reuse them, no page faults
     if world_size > 1 and not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
