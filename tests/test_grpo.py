@@ -230,7 +230,7 @@ def test_reward_model_reward_equals_transformers_on_the_rendered_conversation(ch
     rm = rewards_mod.parse_reward_spec(f"rm:{reward_folder}:0.5", load_reward_model=load_reward_scorer)
     ex = query("synth_math_chat", 3)
     scores = []
-    for completion in ("The answer is 5.", "Ben has 3 apples.\nThe final answer is $\\boxed{12}$."):
+    for completion in ("The answer is 5.", "Ben has 3 apples.\nThe final answer is $\\boxed{12}$.", ""):
         total, parts = rewards_mod.total_reward(rm, "", completion, ex)
         msgs = list(ex.messages) + [{"role": "assistant", "content": completion}]
         ids = tok.apply_chat_template(msgs)
@@ -240,7 +240,7 @@ def test_reward_model_reward_equals_transformers_on_the_rendered_conversation(ch
         assert parts[f"rm:{reward_folder}"] == pytest.approx(ref, abs=1e-4)
         assert total == pytest.approx(0.5 * ref, abs=1e-4)
         scores.append(ref)
-    assert abs(scores[0] - scores[1]) > 1e-3  # the reply matters
+    assert abs(scores[0] - scores[1]) > 1e-3  # the reply matters (an empty one is scored too)
 
 
 def test_grpo_runs_with_verifier_plus_reward_model(chat_checkpoint, reward_folder, tmp_path):

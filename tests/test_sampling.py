@@ -159,6 +159,36 @@ def test_sampling_is_reproducible_and_follows_the_probabilities():
         assert many.count(i) / len(many) == pytest.approx(p, abs=0.02)
 
 
+def test_draw_across_blocks_follows_the_probabilities_and_skips_zeros():
+    # tokens on both sides of a block edge (1023 | 1024) and the vocabulary's last token,
+    # which sits in a zero-padded block; every other token has probability 0
+    V = 3000
+    probs = torch.zeros(V)
+    want = {5: 0.2, 1023: 0.3, 1024: 0.1, V - 1: 0.4}
+    for i, p in want.items():
+        probs[i] = p
+    g = torch.Generator().manual_seed(0)
+    many = [S.inverse_cdf_draw(probs, g) for _ in range(20000)]
+    assert set(many) <= set(want)
+    for i, p in want.items():
+        assert many.count(i) / len(many) == pytest.approx(p, abs=0.015)  # 3 sigma at n=20000 is 0.011
+
+
+def test_draw_matches_multinomial_on_a_full_vocabulary():
+    # the same distribution drawn by torch.multinomial (the reference) and by ours: the
+    # frequencies of the 8 likeliest tokens and of "any other token" agree within 3 sigma
+    torch.manual_seed(0)
+    probs = (torch.randn(151936) * 3).softmax(-1)
+    n = 20000
+    ours = torch.tensor([S.inverse_cdf_draw(probs, g) for g in [torch.Generator().manual_seed(1)] for _ in range(n)])
+    ref = torch.multinomial(probs, n, replacement=True, generator=torch.Generator().manual_seed(2))
+    for tok in probs.topk(8).indices.tolist() + [None]:
+        f = (lambda x: (x == tok).float().mean()) if tok is not None else \
+            (lambda x: (~torch.isin(x, probs.topk(8).indices)).float().mean())
+        p = float(f(ref))
+        assert abs(float(f(ours)) - p) <= 3 * math.sqrt(2 * max(p, 1e-4) * (1 - p) / n) + 1e-3
+
+
 def test_token_logprobs_are_log_softmax():
     logits = distinct_logits(50, 1)[None].repeat(2, 1)
     tokens = torch.tensor([3, 7])

@@ -65,8 +65,10 @@ def load_reward_scorer(model_dir: str, *, tokenizer: str | None = None, device: 
 
     The query's chat messages (`example.messages`) and the completion as one assistant turn
     are tokenised exactly as one side of a training pair (`conversation_ids`), so the value
-    is the score the model was trained to produce. A completion the model cannot read
-    (empty, too long, ids outside its vocabulary) raises, which GRPO counts and drops.
+    is the score the model was trained to produce. An empty completion (the policy ended its
+    turn at once) is scored as the empty assistant turn the template renders: it is an answer
+    the policy gave and should be ranked, not dropped. A completion the model cannot read
+    (too long, ids outside its vocabulary) raises, which GRPO counts and drops.
     """
     import torch
 
@@ -76,7 +78,12 @@ def load_reward_scorer(model_dir: str, *, tokenizer: str | None = None, device: 
 
     def score(prompt: str, completion: str, example) -> float:
         messages = list(getattr(example, "messages", None) or [{"role": "user", "content": prompt}])
-        ids = conversation_ids(tok, {"prompt": messages, "completion": [{"role": "assistant", "content": completion}]})
+        reply = [{"role": "assistant", "content": completion}]
+        if completion:
+            ids = conversation_ids(tok, {"prompt": messages, "completion": reply})
+        else:  # training pairs never hold an empty side, so conversation_ids refuses one
+            ids = tok.apply_chat_template(messages + reply)
+            ids = ids[:len(ids) - ids[::-1].index(tok.token_to_id("<|im_end|>"))]  # through <|im_end|>
         if len(ids) > max_length or max(ids) >= vocab:
             raise PairError("too_long" if len(ids) > max_length else "vocab", "the reward model cannot score this")
         with torch.no_grad():
