@@ -3,7 +3,8 @@ trained weights, exact resume, rewards that fail, bad configs. The math itself i
 against the formulas in test_grpo_loss.py.
 
 The model is tiny and its vocabulary small (a 400-token BPE trained here with the Qwen
-control tokens and chat template), so a GRPO step takes a fraction of a second on a CPU.
+control tokens and chat template; `grpo_support.py`), so a GRPO step takes a fraction of a
+second on a CPU. LoRA and DDP: test_grpo_lora.py, test_grpo_distributed.py.
 """
 
 from __future__ import annotations
@@ -16,14 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from qwen25 import Engine, ModelConfig, build_model, load_model, load_tokenizer, save_model
+from grpo_support import build_chat_checkpoint, parity
+from qwen25 import Engine, load_model, load_tokenizer
 from qwen25.engine import SamplingParams
 from qwen25.engine.dispatch import Dispatcher
 from qwen25.errors import UserError
 from qwen25.model.logprobs import token_logprobs
 from qwen25.train import rewards as rewards_mod
 from qwen25.train.grpo import GRPOObjective, grpo, micro_batches, rollout
-from qwen25.train.grpo_config import GRPOConfig
+from qwen25.train.grpo_config import GRPOConfig, validate
 from qwen25.train.grpo_queries import query
 from qwen25.train.loop import train_step
 from qwen25.train.optim import build_optimizer
@@ -33,38 +35,12 @@ from qwen25.train.parallel import init_world
 @pytest.fixture(scope="module")
 def chat_checkpoint(tmp_path_factory) -> Path:
     """A random tiny model with a small trained chat tokenizer, saved as an HF folder."""
-    from qwen25.data import mathgen
-    from qwen25.tokenizer.train import train_tokenizer
-
-    root = tmp_path_factory.mktemp("grpo")
-    text = root / "corpus.txt"
-    text.write_text("\n".join(p["text"] for p in mathgen.problems("train", 300)) +
-                    "\nSolve the problem step by step. End your answer with \"The answer is N.\"\n")
-    tok_dir = root / "tok"
-    train_tokenizer([text], 400, tok_dir)
-    tok = load_tokenizer(tok_dir)
-    cfg = ModelConfig.preset("tiny").replace(vocab_size=tok.vocab_size, max_position_embeddings=1024,
-                                             tie_word_embeddings=False, eos_token_id=tok.token_to_id("<|im_end|>"))
-    model = build_model(cfg, init=False)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g) * 0.3
-            p.copy_(1.0 + noise if name.endswith("norm.weight") else noise)
-    ck = root / "ck"
-    save_model(model, ck)
-    for f in tok_dir.iterdir():
-        (ck / f.name).write_bytes(f.read_bytes())
-    return ck
-
-
-def _parity(prompt, completion, example):  # a reward that varies within a group
-    return float(len(completion) % 2)
+    return build_chat_checkpoint(tmp_path_factory.mktemp("grpo"))
 
 
 @pytest.fixture
 def parity_reward(monkeypatch):
-    monkeypatch.setitem(rewards_mod.BUILTIN, "parity", (_parity, "test reward"))
+    monkeypatch.setitem(rewards_mod.BUILTIN, "parity", (parity, "test reward"))
 
 
 def _cfg(ck: Path, out: Path, **kw) -> GRPOConfig:
@@ -131,7 +107,7 @@ def test_resume_between_updates_is_bitwise(chat_checkpoint, parity_reward, tmp_p
     from qwen25.train.checkpointing import latest_checkpoint
 
     paused = latest_checkpoint(split / "checkpoints")
-    assert paused.step == 3 and paused.state["rollout"]["index"] == 1  # the half-used rollout is kept
+    assert paused.step == 3 and paused.state["data"][0]["rollout"]["index"] == 1  # the half-used rollout is kept
     grpo(_cfg(chat_checkpoint, split, rollouts=3))
     a, b = _losses(whole), _losses(split)
     assert len(a) == 6 and a == b
@@ -170,10 +146,23 @@ def test_a_failing_reward_drops_the_sample_and_the_run_goes_on(chat_checkpoint, 
     ({"eps_low": 1.5}, "eps_low"),
     ({"queries": "gsm8k"}, "unknown query set"),
     ({"group_size": 16, "max_batch_size": 8}, "max_batch_size"),
+    ({"lora_rank": -1}, "lora_rank"),
+    ({"merge": True}, "--merge needs LoRA"),
 ])
 def test_bad_config_is_one_line(chat_checkpoint, tmp_path, change, match):
     with pytest.raises(UserError, match=match) as e:
         grpo(_cfg(chat_checkpoint, tmp_path / "x", **change))
+    assert "\n" not in str(e.value)
+
+
+def test_queries_per_step_must_divide_by_the_processes(chat_checkpoint):
+    """Each process rolls out an equal share of a step's queries (the run under torchrun:
+    test_grpo_distributed.py)."""
+    cfg = _cfg(chat_checkpoint, Path("unused"), queries_per_step=3)
+    validate(cfg, world_size=1)
+    validate(cfg, world_size=3)
+    with pytest.raises(UserError, match="queries_per_step=3 is not divisible by the 2 processes") as e:
+        validate(cfg, world_size=2)
     assert "\n" not in str(e.value)
 
 

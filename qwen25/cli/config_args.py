@@ -233,3 +233,23 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     elif tp is Any:
         return value
     raise UserError(f"config key {where!r}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+# --------------------------------------------------------------------------------------
+# The `--lora` shortcut of the stages with LoRA fields (lora_rank, ...)
+# --------------------------------------------------------------------------------------
+
+LORA_SHORTCUT_RANK = 16
+
+
+def add_lora_shortcut(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lora", action="store_true",
+                   help=f"LoRA with rank {LORA_SHORTCUT_RANK} unless --lora-rank is given "
+                        f"(same as --lora-rank {LORA_SHORTCUT_RANK})")
+
+
+def apply_lora_shortcut(cfg, args: argparse.Namespace):
+    """`cfg` with lora_rank set when `--lora` was given without a rank."""
+    if getattr(args, "lora", False) and not cfg.lora_rank:
+        return dataclasses.replace(cfg, lora_rank=LORA_SHORTCUT_RANK)
+    return cfg

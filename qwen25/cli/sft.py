@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from qwen25.cli.config_args import add_config_arguments, config_from_args
+from qwen25.cli.config_args import add_config_arguments, add_lora_shortcut, apply_lora_shortcut, config_from_args
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -19,20 +19,15 @@ def configure(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--profile", choices=sorted(PROFILES), default="report",
                    help="defaults to start from: 'report' (spec §5.1, real checkpoints) or 'tiny' (small CPU models)")
-    p.add_argument("--lora", action="store_true",
-                   help="LoRA with rank 16 unless --lora-rank is given (same as --lora-rank 16)")
+    add_lora_shortcut(p)
     add_config_arguments(p, SFTConfig)
 
 
 def run(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from qwen25.train.sft import sft
     from qwen25.train.sft_config import SFTConfig, profile_defaults
 
-    cfg = config_from_args(SFTConfig, args, defaults=profile_defaults(args.profile))
-    if args.lora and not cfg.lora_rank:
-        cfg = dataclasses.replace(cfg, lora_rank=16)
+    cfg = apply_lora_shortcut(config_from_args(SFTConfig, args, defaults=profile_defaults(args.profile)), args)
     summary = sft(cfg)
     if summary.get("interrupted") or "final" not in summary:
         return 0

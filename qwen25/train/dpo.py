@@ -230,10 +230,7 @@ def _export(cfg: DPOConfig, ckpt: Path, files: list[Path]) -> Path:
     out = Path(cfg.out)
     if not cfg.lora_rank:
         return export_model(ckpt, out / "final")
-    adapter = lora.copy_adapter(ckpt, out / "adapter")
-    if not cfg.merge:
-        return adapter
-    return lora.save_merged(ckpt, out / "final", cfg, extra_files=files)
+    return lora.export(ckpt, out, cfg, extra_files=files)
 
 
 def _check_resume(ck, cfg: DPOConfig) -> None:

@@ -3,6 +3,8 @@
 Every field has a comment (`qwen25 grpo --help` prints them). One *rollout* samples
 `group_size` answers to each of `queries_per_step` queries with the engine; each rollout
 is followed by `mu` optimizer steps on it, so the run takes `rollouts x mu` steps.
+Under `torchrun` the `queries_per_step` queries of a rollout are split evenly over the
+processes. The `lora_*` fields and `merge` are SFT's (`qwen25.train.lora`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ import math
 from dataclasses import dataclass
 
 from qwen25.errors import UserError
+from qwen25.train import lora
 from qwen25.train.grpo_loss import AGGREGATIONS
+from qwen25.train.lora import LORA_TARGETS
 
 ORDERS = ("variance", "random")
 
@@ -19,7 +23,7 @@ ORDERS = ("variance", "random")
 @dataclass(frozen=True)
 class GRPOConfig:
     model: str = ""  # starting checkpoint (an SFT folder, or a .gguf file)
-    out: str = "runs/grpo"  # run folder: checkpoints/, metrics.jsonl, plots/, final/
+    out: str = "runs/grpo"  # run folder: checkpoints/, metrics.jsonl, plots/, final/ (adapter/ with LoRA)
     tokenizer: str | None = None  # tokenizer folder (default: the model's own files)
     queries: str = "synth_math"  # built-in query set (training splits only): synth_math | synth_math_chat | instructions | chat_mix | arithmetic
     reward: str = "math_answer"  # rewards with weights: "math_answer,format:0.2,rm:DIR:0.5"
@@ -41,7 +45,12 @@ class GRPOConfig:
     order: str = "variance"  # query selection: variance (the report's order) | random
     pool_factor: int = 2  # candidate pool = pool_factor x queries_per_step queries per rollout
     select_group: int = 4  # answers per candidate query when scoring the pool's variance
-    micro_batch: int = 8  # answers per forward/backward pass
+    micro_batch: int = 8  # answers per forward/backward pass (per process)
+    lora_rank: int = 0  # LoRA rank r (0: train every weight); with LoRA only the adapters train
+    lora_alpha: float = 16.0  # LoRA alpha (updates scaled by alpha / r)
+    lora_dropout: float = 0.0  # dropout on the LoRA input (training forward only; rollouts have none)
+    lora_targets: tuple[str, ...] = LORA_TARGETS  # linear layers that get adapters
+    merge: bool = False  # with LoRA: also write the merged model to OUT/final
     eval_queries: int = 64  # held-out synthetic-math questions answered greedily per evaluation
     eval_max_new_tokens: int = 160  # answer cap at evaluation
     eval_every: int = 10  # steps between evaluations (0: only at the end)
@@ -70,8 +79,9 @@ def _number(cfg: GRPOConfig, name: str, lo: float, hi: float = math.inf, lo_open
                         + ("" if hi == math.inf else f" and <= {hi}"))
 
 
-def validate(cfg: GRPOConfig) -> None:
-    """Everything checkable before loading anything; raises UserError naming the field."""
+def validate(cfg: GRPOConfig, world_size: int = 1) -> None:
+    """Everything checkable before loading anything; raises UserError naming the field.
+    world_size: the processes the rollouts are split over (torchrun's WORLD_SIZE)."""
     if not isinstance(cfg.model, str) or not cfg.model:
         raise UserError("grpo needs --model: the checkpoint to start from (e.g. the SFT run's final/)")
     if cfg.group_size == 1:
@@ -97,6 +107,10 @@ def validate(cfg: GRPOConfig) -> None:
         raise UserError(f"grpo order={cfg.order!r}; choose from {', '.join(ORDERS)}")
     if not isinstance(cfg.scale_rewards, bool):
         raise UserError(f"grpo scale_rewards={cfg.scale_rewards!r} must be true or false")
+    if cfg.queries_per_step % world_size:
+        raise UserError(f"grpo queries_per_step={cfg.queries_per_step} is not divisible by the {world_size} "
+                        "processes, which each roll out an equal share; use a multiple of the process count")
+    lora.check_options(cfg)
     if cfg.group_size > cfg.max_batch_size:
         raise UserError(f"grpo group_size={cfg.group_size} answers share one prompt and need as many engine "
                         f"slots; raise max_batch_size (now {cfg.max_batch_size})")

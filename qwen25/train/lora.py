@@ -14,10 +14,13 @@ A training checkpoint of a LoRA run stores the frozen base weights under their p
 is: load the base from the checkpoint, `add_lora`, `load_adapter`. `merged_state` folds
 W + (alpha / r) B A into the base weights for a merged HF folder (`--merge`).
 
-The stages that offer LoRA (SFT, DPO, the reward model) share what lies around that:
+The stages that offer LoRA (SFT, DPO, the reward model, GRPO) share what lies around that:
 `check_options` (the `lora_*` config fields), `apply` (inject, and on resume reload),
-`checkpoint_weights` / `split_checkpoint` (what a checkpoint stores) and `merged_model` /
-`save_merged` (the merged model at the end). A classifier's head trains in full beside the
+`checkpoint_weights` / `split_checkpoint` (what a checkpoint stores), `merged_model` /
+`save_merged` (the merged model at the end) and `export` (OUT/adapter, OUT/final with
+`merge`). An RL stage also needs the base policy (`adapters_disabled`: the reference,
+without a second copy) and a plain model holding the merged weights for the engine
+(`MergedView`). A classifier's head trains in full beside the
 adapters (`save_head_in_full`: peft's `modules_to_save`); its tensor goes into the adapter
 file so `PeftModel.from_pretrained` on a sequence classifier restores it.
 """
@@ -26,7 +29,8 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -252,3 +256,86 @@ def save_merged(ckpt: str | Path, dest: str | Path, cfg, config=None, generation
         if Path(f).exists():
             shutil.copyfile(f, folder / Path(f).name)
     return folder
+
+
+def export(ckpt: str | Path, out: str | Path, cfg, config=None, generation_config: dict | None = None,
+           extra_files: Sequence[Path] = ()) -> Path:
+    """The end of a LoRA run (SFT, DPO, GRPO): the checkpoint's adapter to OUT/adapter (a PEFT
+    folder for the base model) and, with `cfg.merge`, the merged model to OUT/final (see
+    `save_merged`). Returns the folder to use: OUT/final when merged, else OUT/adapter."""
+    adapter = copy_adapter(ckpt, Path(out) / "adapter")
+    if not cfg.merge:
+        return adapter
+    return save_merged(ckpt, Path(out) / "final", cfg, config=config, generation_config=generation_config,
+                       extra_files=extra_files)
+
+
+# --------------------------------------------------------------------------------------
+# Using the adapted model: without its adapters, and as a plain model for the engine
+# --------------------------------------------------------------------------------------
+
+
+def _lora_layers(model: nn.Module):
+    from peft.tuners.lora import LoraLayer
+
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` as its base while inside (peft's `disable_adapter` for injected layers): the
+    reference policy of an RL stage without a second copy of the weights. The adapted
+    layers compute `base_layer(x)` exactly, so the logits equal the unadapted model's."""
+    layers = [m for _, m in _lora_layers(model)]
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.enable_adapters(True)  # peft makes the active adapter trainable again
+
+
+class MergedView:
+    """A plain `Transformer` whose adapted matrices hold W + (alpha / r) B A of a LoRA model,
+    and that shares every other tensor with it (embeddings, norms, biases, the head).
+
+    For an engine that must sample from the adapted policy (GRPO rollouts). Why not the
+    LoRA model itself: the engine's C++ decoder reads plain `nn.Linear` weights, so peft's
+    layers would send every decode step to the slower PyTorch path, with two extra small
+    matmuls per adapted layer. Why not merging into the base and unmerging after: W + ΔW
+    − ΔW is not W in floating point, so the frozen base would drift a little every
+    rollout. The cost of the view is one copy of the adapted matrices; `refresh()` (one
+    B @ A per matrix, written in place so the engine's pointers stay valid) must be called
+    after the adapters change and before the engine runs. Its logits equal the LoRA
+    model's to float rounding (x (W + s B A)^T vs x W^T + s (x A^T) B^T)."""
+
+    def __init__(self, model: nn.Module):
+        from qwen25.model.model import Transformer
+
+        with torch.device("meta"):
+            view = Transformer(model.config)
+        source = dict(model.named_parameters(remove_duplicate=False))
+        layers = dict(_lora_layers(model))
+        self._merged: list[tuple[torch.Tensor, nn.Module]] = []
+        for name, module in list(view.named_modules()):
+            for pname, _ in list(module.named_parameters(recurse=False)):
+                if name in layers and pname == "weight":
+                    base = layers[name].base_layer.weight
+                    own = nn.Parameter(torch.empty_like(base, device=base.device), requires_grad=False)
+                    self._merged.append((own, layers[name]))
+                    setattr(module, pname, own)
+                else:  # shared: the same Parameter object (a tied head stays tied)
+                    key = f"{name}.{pname}" if name not in layers else f"{name}{_BASE}.{pname}"
+                    setattr(module, pname, source[key])
+        view.inv_freq, view.attention_scaling = model.inv_freq, model.attention_scaling
+        view.generation_config = getattr(model, "generation_config", None)
+        self.model = view.eval()
+        self.refresh()
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Re-merge the adapters' current values (after an optimizer step)."""
+        for own, layer in self._merged:
+            a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+            torch.addmm(layer.base_layer.weight, b, a, alpha=layer.scaling["default"], out=own.data)

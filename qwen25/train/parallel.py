@@ -103,6 +103,15 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
+def all_gather_object(obj, world: World) -> list:
+    """Every rank's picklable object, in rank order, on every rank (JSON-like data only)."""
+    if not world.distributed:
+        return [obj]
+    out = [None] * world.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_object(obj, world: World):
     """Rank 0's Python object on every rank (JSON-like data only)."""
     if not world.distributed:

@@ -310,13 +310,7 @@ class Run:
 
 def _gather(obj, world: parallel.World) -> list:
     """Every rank's JSON-able object, in rank order (all ranks receive the list)."""
-    if not world.distributed:
-        return [obj]
-    import torch.distributed as dist
-
-    out = [None] * world.world_size
-    dist.all_gather_object(out, obj)
-    return out
+    return parallel.all_gather_object(obj, world)
 
 
 def _gather_rng(world: parallel.World) -> list[dict[str, torch.Tensor]]:

@@ -241,10 +241,7 @@ def _export(cfg: SFTConfig, ckpt: Path, mcfg: ModelConfig, extra: list[Path], ou
         dest = ckpt_io.export_model(ckpt, out / "final")
         (dest / "generation_config.json").write_text(_json(gen))
         return dest
-    adapter = lora.copy_adapter(ckpt, out / "adapter")
-    if not cfg.merge:
-        return adapter
-    return lora.save_merged(ckpt, out / "final", cfg, config=mcfg, generation_config=gen, extra_files=extra)
+    return lora.export(ckpt, out, cfg, config=mcfg, generation_config=gen, extra_files=extra)
 
 
 def _json(obj) -> str:
