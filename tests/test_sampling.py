@@ -189,6 +189,26 @@ def test_draw_matches_multinomial_on_a_full_vocabulary():
         assert abs(float(f(ours)) - p) <= 3 * math.sqrt(2 * max(p, 1e-4) * (1 - p) / n) + 1e-3
 
 
+def test_batched_draws_equal_row_by_row_draws():
+    # a decode step draws its plain-sampling rows together; each row must get the token it
+    # would get alone (same generator state), whatever the other rows are
+    torch.manual_seed(0)
+    logits = torch.randn(6, 5000) * 4
+    temps = [1.0, 0.7, 1.3, 1.0, 0.5, 2.0]
+    alone = [S.sample_row(logits[r], S.SamplingParams(temperature=t), torch.Generator().manual_seed(r))
+             for r, t in enumerate(temps)]
+    together = S.sample_plain_rows(logits, temps, [torch.Generator().manual_seed(r) for r in range(6)])
+    assert together == alone
+    # and the batched draw follows softmax(logits / T): reference torch.multinomial frequencies
+    row = logits[1] / 0.7
+    gens = [torch.Generator().manual_seed(100 + k) for k in range(3000)]
+    drawn = torch.tensor(S.sample_plain_rows(logits[1:2].expand(3000, -1).contiguous(), [0.7] * 3000, gens))
+    ref = torch.multinomial(row.softmax(-1), 3000, replacement=True, generator=torch.Generator().manual_seed(1))
+    for tok in row.topk(3).indices.tolist():
+        p = float((ref == tok).float().mean())
+        assert abs(float((drawn == tok).float().mean()) - p) <= 3 * math.sqrt(2 * p * (1 - p) / 3000) + 1e-3
+
+
 def test_token_logprobs_are_log_softmax():
     logits = distinct_logits(50, 1)[None].repeat(2, 1)
     tokens = torch.tensor([3, 7])

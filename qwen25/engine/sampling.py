@@ -219,37 +219,65 @@ def sample(ids: torch.Tensor, probs: torch.Tensor, generator: torch.Generator | 
 
 
 def inverse_cdf_draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
-    """Index i with probability probs[i] / sum(probs): one uniform u, the first i whose float64
-    cumulative mass exceeds u.
+    """Index i with probability probs[i] / sum(probs), from one uniform of `generator`."""
+    u = torch.rand(1, dtype=torch.float64, generator=generator)
+    return int(inverse_cdf_draws(probs[None], u)[0])
 
-    Two levels, so the exact-enough float64 prefix sums stay cheap at a 152K vocabulary: block
-    sums (float64 accumulation) pick the block, then a float64 cumsum inside that block picks
-    the token. torch.multinomial does one sequential pass and took 2.8 ms per token at 152K on
-    this project's 2-core CPU, most of a small model's rollout; this takes ~0.13 ms. A single
-    float32 cumsum would be as fast but near a cumulative mass of 1 its ulp (6e-8) is larger
-    than many tokens' probabilities, so their chances would be rounded to 0 or doubled.
-    Zero-probability entries are never drawn (their prefix sum equals the previous one).
+
+def inverse_cdf_draws(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Row r's draw: the first index whose float64 cumulative mass exceeds uniforms[r] x its total.
+
+    probs [R, V] (non-negative, any scale), uniforms [R] float64 in [0, 1) -> indices [R] int64.
+    Two levels, so exact-enough float64 prefix sums stay cheap at a 152K vocabulary: block sums
+    (float64 accumulation) pick the block, then a float64 cumsum inside that block picks the
+    token. torch.multinomial does one sequential pass and took 2.8 ms per token at 152K on this
+    project's 2-core CPU, most of a small model's rollout; this takes ~0.13 ms for one row and
+    batches the rows of a decode step. A single float32 cumsum would be as fast, but near a
+    cumulative mass of 1 its ulp (6e-8) exceeds many tokens' probabilities, whose chances would
+    be rounded to 0 or doubled. Each row's result depends on that row alone (bitwise), so a
+    sequence draws the same token whatever else is in the batch. Zero-probability entries are
+    never drawn (their prefix sum equals the previous one).
     """
-    n = probs.numel()
+    R, n = probs.shape
     pad = (-n) % DRAW_BLOCK
-    blocks = (torch.nn.functional.pad(probs, (0, pad)) if pad else probs).view(-1, DRAW_BLOCK)
-    cdf = blocks.sum(1, dtype=torch.float64).cumsum(0)
-    total = float(cdf[-1])
-    if not math.isfinite(total) or total <= 0.0:
-        if bool(torch.isfinite(probs).all()):
-            raise ValueError(f"probabilities sum to {total}: not a distribution (a bug, not the model's numbers)")
+    blocks = (torch.nn.functional.pad(probs, (0, pad)) if pad else probs).view(R, -1, DRAW_BLOCK)
+    cdf = blocks.sum(-1, dtype=torch.float64).cumsum(-1)  # [R, blocks]
+    total = cdf[:, -1]
+    bad = ~(torch.isfinite(total) & (total > 0))
+    if bool(bad.any()):
+        if bool(torch.isfinite(probs[bad]).all()):
+            raise ValueError(f"probabilities sum to {total[bad].tolist()}: not a distribution "
+                             "(a bug, not the model's numbers)")
         raise NonFiniteLogits(
             "the model produced non-finite logits (NaN or inf), so no token can be sampled: the "
             "checkpoint's weights hold NaN/inf values or the dtype overflowed; check the weights "
             "(re-download or re-save them) or load the model in float32")
-    u = torch.rand(1, dtype=torch.float64, generator=generator) * total
-    b = min(int(torch.searchsorted(cdf, u, right=True)), cdf.numel() - 1)
-    inner = blocks[b].to(torch.float64).cumsum(0)
-    i = b * DRAW_BLOCK + min(int(torch.searchsorted(inner, u - (cdf[b - 1] if b else 0.0), right=True)),
-                             DRAW_BLOCK - 1)
-    if i >= n or float(probs[i]) <= 0.0:  # u rounded up to the total (probability ~1e-16)
-        i = int(probs.nonzero()[-1])
-    return i
+    u = (uniforms.to(torch.float64) * total).unsqueeze(-1)  # [R, 1]
+    b = torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[-1] - 1)  # [R, 1]
+    before = torch.where(b > 0, cdf.gather(-1, (b - 1).clamp(min=0)), torch.zeros_like(u))
+    inner = blocks[torch.arange(R), b[:, 0]].to(torch.float64).cumsum(-1)  # [R, DRAW_BLOCK]
+    idx = (b * DRAW_BLOCK + torch.searchsorted(inner, u - before, right=True).clamp(max=DRAW_BLOCK - 1))[:, 0]
+    off = (idx >= n) | (probs.gather(-1, idx.clamp(max=n - 1)[:, None])[:, 0] <= 0)
+    for r in off.nonzero()[:, 0].tolist():  # u rounded up to the total (probability ~1e-16)
+        idx[r] = probs[r].nonzero()[-1, 0]
+    return idx
+
+
+def plain_sampling(params: SamplingParams) -> bool:
+    """Sampling from the whole vocabulary at a temperature: no penalties, no filters. Such
+    rows of a decode step are drawn together (`sample_plain_rows`)."""
+    return not params.greedy and params.top_k == 0 and params.top_p >= 1.0 and params.min_p == 0.0 and \
+        params.repetition_penalty == 1.0 and not params.presence_penalty and not params.frequency_penalty
+
+
+def sample_plain_rows(logits: torch.Tensor, temperatures: list[float],
+                      generators: list[torch.Generator | None]) -> list[int]:
+    """One token per row of logits [R, V] float32 for rows whose params are `plain_sampling`:
+    softmax(logits / T) drawn with one uniform of each row's own generator."""
+    t = torch.tensor(temperatures, dtype=logits.dtype).unsqueeze(-1)
+    probs = (logits / t).softmax(-1)
+    u = torch.cat([torch.rand(1, dtype=torch.float64, generator=g) for g in generators])
+    return inverse_cdf_draws(probs, u).tolist()
 
 
 def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
@@ -260,6 +288,8 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
     when repetition_penalty != 1); counts [V] (output token counts, needed for the OpenAI
     penalties).
     """
+    if plain_sampling(params):
+        return sample_plain_rows(logits[None], [params.temperature], [generator])[0]
     logits = penalize(logits, params, seen, counts)
     if params.greedy:
         return int(logits.argmax())

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 
 from qwen25.engine.runner import Logits, ModelRunner
-from qwen25.engine.sampling import SamplingParams, sample_row, sampled_logprob
+from qwen25.engine.sampling import SamplingParams, plain_sampling, sample_plain_rows, sample_row, sampled_logprob
 from qwen25.errors import UserError
 from qwen25.model.kv_cache import KVCache
 from qwen25.model.logprobs import logsumexp_fp32, token_logprobs, top_logprobs
@@ -381,6 +381,12 @@ class Scheduler:
             return (argmax if argmax is not None else logits.argmax(-1)).tolist()
         if plain:
             for i, t in zip(plain, logits[plain].argmax(-1).tolist()):
+                tokens[i] = t
+        rows = [i for i, s in enumerate(seqs) if tokens[i] is None and plain_sampling(s.request.params)]
+        if rows:  # whole-vocabulary sampling (RL rollouts, most API requests): one batched draw
+            drawn = sample_plain_rows(logits[rows], [seqs[i].request.params.temperature for i in rows],
+                                      [seqs[i].generator for i in rows])
+            for i, t in zip(rows, drawn):
                 tokens[i] = t
         for i, seq in enumerate(seqs):
             if tokens[i] is None:
