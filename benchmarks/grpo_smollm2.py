@@ -62,18 +62,26 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--reward", default="math_answer,format:0.2")
     ap.add_argument("--rollouts", type=int, default=200, help="upper bound; the time budget stops the run")
+    ap.add_argument("--order", default="variance", choices=("variance", "random"),
+                    help="query selection (random: the baseline the report's variance order is measured against)")
+    ap.add_argument("--skip-before", action="store_true", help="reuse OUT/before.json from an earlier run")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     gguf = smollm2_gguf()
 
-    before = evaluate(gguf, gguf, args.n, args.max_new_tokens)
+    before_file = out / "before.json"
+    if args.skip_before and before_file.exists():
+        before = json.loads(before_file.read_text())
+    else:
+        before = evaluate(gguf, gguf, args.n, args.max_new_tokens)
+        before_file.write_text(json.dumps(before))
     print("before:", json.dumps(before), flush=True)
     cmd = [sys.executable, "-m", "qwen25", "grpo", "--model", str(gguf), "--out", str(out / "run"),
            "--queries", "arithmetic", "--reward", args.reward, "--group-size", "8", "--queries-per-step", "8",
            "--rollouts", str(args.rollouts), "--mu", "1", "--max-new-tokens", str(args.max_new_tokens),
            "--temperature", "1.0", "--lr", str(args.lr), "--warmup-steps", "2", "--eval-queries", "0",
-           "--checkpoint-every", "5", "--micro-batch", "16"]
+           "--checkpoint-every", "5", "--micro-batch", "16", "--order", args.order]
     t0 = time.time()
     proc = subprocess.Popen(cmd)
     try:
@@ -96,7 +104,7 @@ def main() -> None:
     from qwen25.train.checkpointing import latest_checkpoint
 
     last = latest_checkpoint(out / "run" / "checkpoints")
-    result = {"before": before, "after": after, "grpo_seconds": trained_s, "steps": last.step if last else None,
+    result = {"order": args.order, "before": before, "after": after, "grpo_seconds": trained_s, "steps": last.step if last else None,
               "gain_points": 100 * (after["math_answer"] - before["math_answer"])}
     (out / "result.json").write_text(json.dumps(result, indent=2))
     print(f"\nheld-out arithmetic ({args.n} questions), math_answer strict: {100 * before['math_answer']:.1f}% -> "

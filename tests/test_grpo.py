@@ -286,6 +286,19 @@ def test_chat_mix_alternates_instruction_and_math_queries_each_scored_by_its_own
         rewards_mod.total_reward(rewards, "", "x", query("arithmetic", 0))
 
 
+def test_answer_format_rewards_each_sets_format_right_or_wrong():
+    rewards = rewards_mod.parse_reward_spec("answer_format")
+    score = lambda text, ex: rewards_mod.total_reward(rewards, "", text, ex)[0]  # noqa: E731
+    inst, math = query("chat_mix", 0), query("chat_mix", 1)
+    assert score("So the answer is 7.", inst) == 1.0 and score("So the answer is 7.", math) == 0.0
+    assert score("x = 3.\nThe final answer is $\\boxed{12}$.", math) == 1.0
+    assert score("The final answer is $\\boxed{\\frac{1}{2}}$", math) == 1.0  # a number, written in LaTeX
+    assert score("\\boxed{x}", math) == 0.0 and score("The answer is 12", math) == 0.0
+    assert score("\\boxed{12}", inst) == 0.0
+    with pytest.raises(rewards_mod.RewardError, match="no format"):
+        score("x", query("arithmetic", 0))
+
+
 def test_instruction_verifier_is_a_function_of_the_text():
     # english_lowercase asks langdetect, which samples at random: unseeded, "\boxed{576}" came
     # out English on some calls and Somali on others, so the same completion earned 0 or 1.

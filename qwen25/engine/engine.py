@@ -41,6 +41,7 @@ from qwen25.engine.runner import ModelRunner
 from qwen25.engine.sampling import SamplingParams
 from qwen25.engine.scheduler import Completion, Request, Scheduler, Score, StepOutput
 from qwen25.errors import UserError
+from qwen25.host_memory import keep_freed_memory
 
 __all__ = ["Engine", "Completion", "Request", "StepOutput", "SamplingParams", "Score", "default_stop_ids"]
 
@@ -90,6 +91,8 @@ class Engine:
         self.runner = ModelRunner(model, max_batch_size, max_seq_len, decode, threads)
         self.scheduler = Scheduler(self.runner, max_batch_size, prefill_chunk, default_stop_ids(model))
         self._hugepages = None
+        if model.device.type == "cpu":
+            keep_freed_memory()  # each decode step allocates the same [batch, vocab] arrays
         if hugepages and model.device.type == "cpu":
             tensors = [*model.parameters(), *self.runner.cache.k, *self.runner.cache.v]
             self._hugepages = collapse_in_background(tensors, keep_alive=self)

@@ -225,23 +225,27 @@ def inverse_cdf_draw(probs: torch.Tensor, generator: torch.Generator | None) -> 
 
 
 def inverse_cdf_draws(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """Row r's draw: the first index whose float64 cumulative mass exceeds uniforms[r] x its total.
+    """Row r's draw: the first index whose cumulative mass exceeds uniforms[r] x the row's total.
 
     probs [R, V] (non-negative, any scale), uniforms [R] float64 in [0, 1) -> indices [R] int64.
-    Two levels, so exact-enough float64 prefix sums stay cheap at a 152K vocabulary: block sums
-    (float64 accumulation) pick the block, then a float64 cumsum inside that block picks the
-    token. torch.multinomial does one sequential pass and took 2.8 ms per token at 152K on this
-    project's 2-core CPU, most of a small model's rollout; this takes ~0.13 ms for one row and
-    batches the rows of a decode step. A single float32 cumsum would be as fast, but near a
-    cumulative mass of 1 its ulp (6e-8) exceeds many tokens' probabilities, whose chances would
-    be rounded to 0 or doubled. Each row's result depends on that row alone (bitwise), so a
-    sequence draws the same token whatever else is in the batch. Zero-probability entries are
-    never drawn (their prefix sum equals the previous one).
+    Two levels: block sums of DRAW_BLOCK tokens, accumulated in float64 across blocks, pick the
+    block, then a float64 cumsum inside that block picks the token. The block sums themselves
+    are float32: their rounding is relative to one block's mass, so it moves ~1e-7 of
+    probability in all, where a single float32 cumsum over the vocabulary rounds every prefix
+    near a mass of 1 to its ulp (6e-8), more than many tokens' probabilities. torch.multinomial
+    does one sequential pass and took 2.8 ms per token at 152K on this project's 2-core CPU,
+    most of a small model's rollout. Each row's result depends on that row alone (bitwise), so
+    a sequence draws the same token whatever else is in the batch. Zero-probability entries
+    are never drawn (their prefix sum equals the previous one).
     """
     R, n = probs.shape
-    pad = (-n) % DRAW_BLOCK
-    blocks = (torch.nn.functional.pad(probs, (0, pad)) if pad else probs).view(R, -1, DRAW_BLOCK)
-    cdf = blocks.sum(-1, dtype=torch.float64).cumsum(-1)  # [R, blocks]
+    full = n // DRAW_BLOCK
+    parts = []
+    if full:  # a strided view, no copy: [R, full, DRAW_BLOCK]
+        parts.append(probs.as_strided((R, full, DRAW_BLOCK), (probs.stride(0), DRAW_BLOCK, 1)).sum(-1))
+    if n % DRAW_BLOCK:
+        parts.append(probs[:, full * DRAW_BLOCK:].sum(-1, keepdim=True))
+    cdf = torch.cat(parts, -1).to(torch.float64).cumsum(-1)  # [R, blocks]
     total = cdf[:, -1]
     bad = ~(torch.isfinite(total) & (total > 0))
     if bool(bad.any()):
@@ -253,14 +257,19 @@ def inverse_cdf_draws(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tens
             "checkpoint's weights hold NaN/inf values or the dtype overflowed; check the weights "
             "(re-download or re-save them) or load the model in float32")
     u = (uniforms.to(torch.float64) * total).unsqueeze(-1)  # [R, 1]
-    b = torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[-1] - 1)  # [R, 1]
-    before = torch.where(b > 0, cdf.gather(-1, (b - 1).clamp(min=0)), torch.zeros_like(u))
-    inner = blocks[torch.arange(R), b[:, 0]].to(torch.float64).cumsum(-1)  # [R, DRAW_BLOCK]
-    idx = (b * DRAW_BLOCK + torch.searchsorted(inner, u - before, right=True).clamp(max=DRAW_BLOCK - 1))[:, 0]
-    off = (idx >= n) | (probs.gather(-1, idx.clamp(max=n - 1)[:, None])[:, 0] <= 0)
-    for r in off.nonzero()[:, 0].tolist():  # u rounded up to the total (probability ~1e-16)
-        idx[r] = probs[r].nonzero()[-1, 0]
-    return idx
+    blocks = torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[-1] - 1)[:, 0].tolist()
+    rest = (u[:, 0] - torch.where(torch.tensor(blocks) > 0, cdf.gather(
+        -1, (torch.tensor(blocks) - 1).clamp(min=0)[:, None])[:, 0], 0.0)).tolist()
+    out = []
+    for r, (b, left) in enumerate(zip(blocks, rest)):
+        window = probs[r, b * DRAW_BLOCK:(b + 1) * DRAW_BLOCK]
+        inner = window.to(torch.float64).cumsum(0)
+        i = min(int(torch.searchsorted(inner, torch.tensor([left], dtype=torch.float64), right=True)),
+                window.numel() - 1)
+        if float(window[i]) <= 0.0:  # u rounded up to a block's end (probability ~1e-16)
+            i = int(probs[r].nonzero()[-1, 0]) - b * DRAW_BLOCK
+        out.append(b * DRAW_BLOCK + i)
+    return torch.tensor(out, dtype=torch.int64)
 
 
 def plain_sampling(params: SamplingParams) -> bool:
@@ -274,8 +283,9 @@ def sample_plain_rows(logits: torch.Tensor, temperatures: list[float],
                       generators: list[torch.Generator | None]) -> list[int]:
     """One token per row of logits [R, V] float32 for rows whose params are `plain_sampling`:
     softmax(logits / T) drawn with one uniform of each row's own generator."""
-    t = torch.tensor(temperatures, dtype=logits.dtype).unsqueeze(-1)
-    probs = (logits / t).softmax(-1)
+    if any(t != 1.0 for t in temperatures):
+        logits = logits / torch.tensor(temperatures, dtype=logits.dtype).unsqueeze(-1)
+    probs = logits.softmax(-1)
     u = torch.cat([torch.rand(1, dtype=torch.float64, generator=g) for g in generators])
     return inverse_cdf_draws(probs, u).tolist()
 

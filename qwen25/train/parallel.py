@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from qwen25.errors import UserError
-from qwen25.train.host_memory import keep_freed_memory
+from qwen25.host_memory import keep_freed_memory
 
 PARALLEL_MODES = ("auto", "none", "ddp", "fsdp")
 

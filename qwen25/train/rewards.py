@@ -78,6 +78,24 @@ def _verifier(prompt: str, completion: str, example) -> float:
                      "instructions or synth_math_chat)")
 
 
+def _answer_format(prompt: str, completion: str, example) -> float:
+    """1 when the completion states a final answer in the format of the query's own built-in set,
+    right or wrong: a number in the last \\boxed{} for math prompts, "the answer is N" for
+    instruction prompts. Weighted next to `verifier` on a mixed set, it keeps each set's format
+    rewarded while the model learns the other set's (without it the speedrun's GRPO on
+    instruction prompts let the math replies drift to the instruction style)."""
+    from qwen25.eval.tasks.math import _as_number, last_boxed, normalize_latex, strict_number
+
+    kind = example.id.split("/", 1)[0]
+    if kind == "instructions":
+        return float(strict_number(completion) is not None)
+    if kind == "synth_math_chat":
+        boxed = last_boxed(completion)
+        return float(boxed is not None and _as_number(normalize_latex(boxed)) is not None)
+    raise ValueError(f"the answer_format reward has no format for {example.id!r} (use it with --queries chat_mix, "
+                     "instructions or synth_math_chat)")
+
+
 def _humaneval(prompt: str, completion: str, example) -> float:
     from qwen25.eval.tasks.code import score_humaneval
 
@@ -98,6 +116,7 @@ BUILTIN: dict[str, tuple[RewardFn, str]] = {
     "ifbench": (_ifbench, "IFBench instruction checkers, strict prompt-level (0/1)"),
     "ifeval": (_ifeval, "IFEval checkers of the query's constraints (the 'instructions' queries), strict (0/1)"),
     "verifier": (_verifier, "the scorer of the query's own set: instructions 0-2 (IFEval + answer), math 0/1"),
+    "answer_format": (_answer_format, "a final answer in the query's own set's format: \\boxed{N} or 'the answer is N' (0/1)"),
     "humaneval": (_humaneval, "HumanEval tests pass in the sandbox (0/1)"),
     "mbpp": (_mbpp, "MBPP asserts pass in the sandbox (0/1)"),
 }
