@@ -107,3 +107,16 @@ def test_smoke_speedrun_learns_reports_and_resumes(tmp_path, capsys):
     assert main(["speedrun", "--profile", "smoke", "--out", str(out)]) == 0
     resumed = json.loads((out / "grpo" / "summary.json").read_text())
     assert resumed["resumed_from"] == stage_steps["grpo"] and resumed["step"] == stage_steps["grpo"]
+
+
+def test_card_entries_measured_on_other_weights_are_recomputed():
+    from qwen25.recipes.speedrun import stale_stages
+
+    weights = {"base": "a", "sft": "b", "dpo": "c", "grpo": "d"}
+    card = {s: {"weights": h, "ifeval": 0.5} for s, h in weights.items()} | {"_meta": {"reward_model": "r"}}
+    assert stale_stages(card, weights, "r") == []
+    assert stale_stages(card, {**weights, "grpo": "d2"}, "r") == ["grpo"]  # GRPO retrained
+    assert stale_stages({k: v for k, v in card.items() if k != "dpo"}, weights, "r") == ["dpo"]
+    assert stale_stages(card, weights, "r2") == ["base", "sft", "dpo", "grpo"]  # every row's RM score
+    old = {s: {"ifeval": 0.5} for s in weights} | {"_meta": {}}  # a card written before fingerprints
+    assert stale_stages(old, weights, "r") == list(weights)

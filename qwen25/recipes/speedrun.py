@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from qwen25.errors import UserError
-from qwen25.files import atomic_write
+from qwen25.files import atomic_write, sha256_file
 from qwen25.recipes import post_training
 from qwen25.train.config import PretrainConfig, Stage
 
@@ -419,6 +419,15 @@ def _replace_dir(src: Path, dest: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def stale_stages(card: dict, weights: dict[str, str], reward_model: str) -> list[str]:
+    """Stages whose card entry must be (re)computed: missing, or measured on other weights (a
+    stage retrained after its folder was removed), or all of them when the reward model that
+    scores every row changed. Keys of `weights` in order; values are the weights' sha256."""
+    if card.get("_meta", {}).get("reward_model") != reward_model:
+        return list(weights)
+    return [s for s, h in weights.items() if card.get(s, {}).get("weights") != h]
+
+
 def _post_training(out: Path, prof: Profile, timings: Timings) -> list[str]:
     """SFT -> pairs -> DPO -> reward model -> GRPO, the card of every stage, OUT/final = GRPO's model."""
     from qwen25.data import builtin
@@ -430,7 +439,10 @@ def _post_training(out: Path, prof: Profile, timings: Timings) -> list[str]:
     card_path = out / "card.json"
     card = json.loads(card_path.read_text()) if card_path.exists() else {}
     d = stage_dirs(out)
-    todo = [s for s in ("base", "sft", "dpo", "grpo") if s not in card]
+    folders = {s: out / "base" if s == "base" else d[s] / "final" for s in ("base", "sft", "dpo", "grpo")}
+    weights = {s: sha256_file(f / "model.safetensors") for s, f in folders.items()}
+    scorer = sha256_file(d["rm"] / "final" / "model.safetensors")
+    todo = stale_stages(card, weights, scorer)
     if todo:
         with timings.phase("evaluate"):
             seen = rc.trained_questions(Path(builtin.fetch()))
@@ -438,12 +450,14 @@ def _post_training(out: Path, prof: Profile, timings: Timings) -> list[str]:
             instructions = rc.heldout_instructions(prof.post.eval_if)
             reward_model = load_reward_scorer(str(d["rm"] / "final"))
             for stage in todo:
-                folder = out / "base" if stage == "base" else d[stage] / "final"
-                print(f"== evaluate {stage}: {folder}", flush=True)
-                card[stage] = rc.evaluate_stage(folder, sets, instructions, manifest=out / "data" / "manifest.json",
+                print(f"== evaluate {stage}: {folders[stage]}", flush=True)
+                card[stage] = rc.evaluate_stage(folders[stage], sets, instructions,
+                                                manifest=out / "data" / "manifest.json",
                                                 max_new_tokens=prof.post.eval_tokens,
                                                 reward_model=reward_model, base_format=stage == "base")
-                card["_meta"] = {"math": prof.post.eval_math, "instructions": prof.post.eval_if}
+                card[stage]["weights"] = weights[stage]
+                card["_meta"] = {"math": prof.post.eval_math, "instructions": prof.post.eval_if,
+                                 "reward_model": scorer}
                 atomic_write(card_path, json.dumps(card, indent=1))
     _replace_dir(d["grpo"] / "final", out / "final")  # a few MB: cheaper than proving it is current
     return rc.post_training_section(out, card, summaries, timings.seconds)
