@@ -258,14 +258,12 @@ def inverse_cdf_draws(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tens
             "(re-download or re-save them) or load the model in float32")
     u = (uniforms.to(torch.float64) * total).unsqueeze(-1)  # [R, 1]
     blocks = torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[-1] - 1)[:, 0].tolist()
-    rest = (u[:, 0] - torch.where(torch.tensor(blocks) > 0, cdf.gather(
-        -1, (torch.tensor(blocks) - 1).clamp(min=0)[:, None])[:, 0], 0.0)).tolist()
     out = []
-    for r, (b, left) in enumerate(zip(blocks, rest)):
+    for r, b in enumerate(blocks):
+        left = u[r] - cdf[r, b - 1] if b else u[r]  # the mass still to cover inside block b
         window = probs[r, b * DRAW_BLOCK:(b + 1) * DRAW_BLOCK]
         inner = window.to(torch.float64).cumsum(0)
-        i = min(int(torch.searchsorted(inner, torch.tensor([left], dtype=torch.float64), right=True)),
-                window.numel() - 1)
+        i = min(int(torch.searchsorted(inner, left, right=True)), window.numel() - 1)
         if float(window[i]) <= 0.0:  # u rounded up to a block's end (probability ~1e-16)
             i = int(probs[r].nonzero()[-1, 0]) - b * DRAW_BLOCK
         out.append(b * DRAW_BLOCK + i)

@@ -384,7 +384,8 @@ class Scheduler:
                 tokens[i] = t
         rows = [i for i, s in enumerate(seqs) if tokens[i] is None and plain_sampling(s.request.params)]
         if rows:  # whole-vocabulary sampling (RL rollouts, most API requests): one batched draw
-            drawn = sample_plain_rows(logits if len(rows) == len(seqs) else logits[rows], [seqs[i].request.params.temperature for i in rows],
+            drawn = sample_plain_rows(logits if len(rows) == len(seqs) else logits[rows],
+                                      [seqs[i].request.params.temperature for i in rows],
                                       [seqs[i].generator for i in rows])
             for i, t in zip(rows, drawn):
                 tokens[i] = t
