@@ -89,3 +89,25 @@ def test_bad_set_syntax(tmp_path):
     _, args = _parse("--config", str(bad))
     with pytest.raises(UserError, match="cannot parse"):
         config_from_args(Outer, args)
+
+
+@dataclass(frozen=True)
+class Counts:
+    tokens: tuple[int, ...] = ()  # tokens per run
+    steps: int = 1  # steps
+    cap: int | None = None  # optional cap
+
+
+def test_int_flags_take_whole_numbers_in_scientific_notation(capsys):
+    """`--tokens 2e5` (how budgets are written, and how the README writes them) is 200000;
+    a fraction or a word is still argparse's one-line usage error, exit 2."""
+    p = argparse.ArgumentParser()
+    add_config_arguments(p, Counts)
+    cfg = config_from_args(Counts, p.parse_args(["--tokens", "2e5", "150000", "--steps", "1e3", "--cap", "4e1"]))
+    assert cfg == Counts(tokens=(200000, 150000), steps=1000, cap=40)
+    assert all(type(v) is int for v in (*cfg.tokens, cfg.steps, cfg.cap))
+    for bad in (["--steps", "2.5"], ["--tokens", "1e5", "3.5e0"], ["--steps", "many"], ["--steps", "inf"]):
+        with pytest.raises(SystemExit) as e:
+            p.parse_args(bad)
+        assert e.value.code == 2
+        assert "invalid int value" in capsys.readouterr().err

@@ -81,11 +81,30 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         if tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif tp in (int, float, str):
-            parser.add_argument(flag, type=_none_or(tp) if optional else tp, metavar=tp.__name__.upper(),
-                                **kwargs)
+            parser.add_argument(flag, type=_none_or(_flag_type(tp)) if optional else _flag_type(tp),
+                                metavar=tp.__name__.upper(), **kwargs)
         elif origin is tuple and typing.get_args(tp)[0] in (int, float, str):
-            parser.add_argument(flag, nargs="*", type=typing.get_args(tp)[0], metavar="X", **kwargs)
+            parser.add_argument(flag, nargs="*", type=_flag_type(typing.get_args(tp)[0]), metavar="X", **kwargs)
         # dicts and nested dataclasses: only through --config or --set
+
+
+def _whole_number(text: str) -> int:
+    """An int flag that also takes scientific notation for a whole number (`--tokens 2e5`),
+    as token counts and step budgets are usually written; 2.5 is still refused."""
+    try:
+        return int(text)
+    except ValueError:
+        value = float(text)  # ValueError for non-numbers: argparse's "invalid int value"
+        if not value.is_integer():
+            raise
+        return int(value)
+
+
+_whole_number.__name__ = "int"  # argparse names the type in its error message
+
+
+def _flag_type(tp):
+    return _whole_number if tp is int else tp
 
 
 def _none_or(tp):
