@@ -198,6 +198,44 @@ def test_segment_mm_forward_and_backward_equal_the_loop(layout):
     assert w_grad.is_contiguous() and torch.count_nonzero(w_grad[1]) == 0 and torch.count_nonzero(w_grad[3]) == 0
 
 
+def test_row_blocks_cut_reduced_precision_cpu_segments_into_a_block_multiple_and_a_remainder():
+    from qwen25.model.moe import _ROW_BLOCK, _row_blocks
+
+    bf16, f32 = torch.empty(0, dtype=torch.bfloat16), torch.empty(0)
+    assert _row_blocks(5, 5, bf16) == [] and _row_blocks(5, 5, f32) == []
+    assert _row_blocks(3, 3 + 2 * _ROW_BLOCK + 7, f32) == [slice(3, 3 + 2 * _ROW_BLOCK + 7)]  # fp32: whole
+    assert _row_blocks(3, 3 + 2 * _ROW_BLOCK + 7, bf16) == [slice(3, 3 + 2 * _ROW_BLOCK),
+                                                          slice(3 + 2 * _ROW_BLOCK, 3 + 2 * _ROW_BLOCK + 7)]
+    assert _row_blocks(0, _ROW_BLOCK, bf16) == [slice(0, _ROW_BLOCK)]
+    assert _row_blocks(10, 10 + _ROW_BLOCK - 1, bf16) == [slice(10, 10 + _ROW_BLOCK - 1)]
+
+
+@pytest.mark.parametrize("layout", ["in_out", "out_in_transposed"])
+def test_segment_mm_in_bf16_equals_an_fp32_loop_on_the_same_inputs(layout):
+    """bf16 on CPU cuts each segment into row blocks (see `_row_blocks`): segments of a
+    block multiple plus a remainder, exactly one block, under one block and empty ones,
+    forward and both gradients, against the fp32 per-expert loop on the bf16 values.
+    Tolerance: bf16 output rounding (rtol 2e-2, atol 2e-2 x the reference's scale)."""
+    g = torch.Generator().manual_seed(7)
+    counts = torch.tensor([70, 0, 31, 32, 5, 97])
+    E = counts.numel()
+    x = torch.randn(int(counts.sum()), 40, generator=g).bfloat16()
+    stored = (torch.randn(E, 24, 40, generator=g) if layout == "out_in_transposed"
+              else torch.randn(E, 40, 24, generator=g)).bfloat16()
+    grad = torch.randn(x.shape[0], 24, generator=g).bfloat16()
+    results = {}
+    for backend, dtype in (("segment", torch.bfloat16), ("loop", torch.float32)):
+        xi, wi = x.to(dtype).clone().requires_grad_(), stored.to(dtype).clone().requires_grad_()
+        w = wi.transpose(1, 2) if layout == "out_in_transposed" else wi
+        y = grouped_mm(xi, w, counts, backend)
+        y.backward(grad.to(dtype))
+        results[backend] = (y, xi.grad, wi.grad)
+    for got, want in zip(results["segment"], results["loop"]):
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2 * float(want.abs().max()))
+    assert torch.count_nonzero(results["segment"][2][1]) == 0
+
+
 @pytest.mark.slow
 def test_compiled_moe_layer_is_one_graph_and_equals_the_reference():
     """torch.compile(fullgraph=True) traces the whole MoE layer (no host sync, no
