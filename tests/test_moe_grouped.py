@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from qwen25.config import ConfigError, ModelConfig
-from qwen25.model.moe import (Experts, SparseMoE, expert_counts, grouped_mm, route, router_loss,
+from qwen25.model.moe import (Experts, SparseMoE, expert_counts, grouped_mm, load_balancing_loss, route, router_loss,
                               router_z_loss, utilisation_entropy)
 
 TOL = dict(rtol=1e-5, atol=1e-6)
@@ -269,3 +269,49 @@ def test_compiled_moe_layer_is_one_graph_and_equals_the_reference():
     for (name, p), q in zip(layers["auto"].named_parameters(), layers["loop"].parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-5 * float(q.grad.abs().max()),
                                    msg=lambda m: f"{name}: {m}")
+
+
+def _per_layer_reference(router_logits, E, k, mask):
+    """Switch/GShard balance loss of each layer, written out token by token, averaged."""
+    losses = []
+    for logits in router_logits:
+        probs = torch.softmax(logits.double(), -1)
+        f, P, n = [0.0] * E, [0.0] * E, 0.0
+        for t in range(logits.shape[0]):
+            if not mask[t]:
+                continue
+            n += 1
+            for e in torch.topk(probs[t], k).indices.tolist():
+                f[e] += 1
+            for e in range(E):
+                P[e] += float(probs[t, e])
+        losses.append(E * sum((f[e] / n) * (P[e] / n) for e in range(E)))
+    return sum(losses) / len(losses)
+
+
+def test_per_layer_balance_loss_equals_an_explicit_reference_and_sees_what_pooling_hides():
+    """Two layers that each use only half of the experts, the other half each: pooled over
+    the layers the assignments look even (the transformers loss is near its minimum
+    top_k), per layer they are not."""
+    E, k, N = 4, 2, 64
+    g = torch.Generator().manual_seed(3)
+    favour = [torch.tensor([6.0, 6.0, 0.0, 0.0]), torch.tensor([0.0, 0.0, 6.0, 6.0])]
+    logits = [torch.randn(N, E, generator=g) * 0.1 + f for f in favour]
+    mask = torch.ones(N, dtype=torch.bool)
+    mask[-5:] = False  # padding positions count for nothing
+    per_layer = load_balancing_loss(logits, E, k, mask, per_layer=True)
+    assert abs(float(per_layer) - _per_layer_reference(logits, E, k, mask)) < 1e-5
+    pooled = load_balancing_loss(logits, E, k, mask)
+    assert abs(float(pooled) - k) < 0.05 and float(per_layer) > 1.9 * k
+    # a balanced routing is at the minimum top_k either way
+    even = [torch.zeros(N, E)]
+    assert abs(float(load_balancing_loss(even, E, k, None, per_layer=True)) - k) < 1e-6
+
+
+def test_per_layer_balance_is_a_training_setting_that_round_trips_and_is_type_checked():
+    cfg = ModelConfig.preset("tiny-moe")
+    assert "router_aux_loss_per_layer" not in cfg.to_hf()  # released configs stay as transformers writes them
+    d = cfg.replace(router_aux_loss_per_layer=True).to_hf()
+    assert ModelConfig.from_hf(d).router_aux_loss_per_layer is True
+    with pytest.raises(ConfigError, match="router_aux_loss_per_layer"):
+        ModelConfig.from_hf({**d, "router_aux_loss_per_layer": "yes"})

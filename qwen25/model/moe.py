@@ -294,24 +294,32 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[t
 
 
 def load_balancing_loss(router_logits: list[torch.Tensor] | tuple[torch.Tensor, ...], num_experts: int,
-                        top_k: int, token_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Switch-style auxiliary loss E * sum_e f_e * P_e over all MoE layers.
+                        top_k: int, token_mask: torch.Tensor | None = None,
+                        per_layer: bool = False) -> torch.Tensor:
+    """Switch-style auxiliary loss E * sum_e f_e * P_e.
 
     f_e: share of (token, slot) assignments routed to expert e (sums to top_k over e);
-    P_e: mean router probability of e. Both are averaged over the real tokens of every
-    layer (`token_mask` [B, T] or [N], 1 = real token). Minimised by a uniform routing.
+    P_e: mean router probability of e, both over the real tokens (`token_mask` [B, T] or
+    [N], 1 = real token). Minimised by a uniform routing, where it equals top_k.
+    per_layer False (transformers' Qwen2-MoE loss): f and P pooled over all MoE layers;
+    True (Switch Transformer, GShard): the loss of each layer, averaged over the layers.
     """
     counts = torch.zeros(num_experts, dtype=torch.float32, device=router_logits[0].device)
     prob_sum = torch.zeros_like(counts)
     rows = torch.zeros((), dtype=torch.float32, device=counts.device)
+    layers = []
     mask = None if token_mask is None else token_mask.reshape(-1).to(counts.device, torch.float32)
     for logits in router_logits:
         probs = F.softmax(logits.float(), dim=-1)
         _, idx = torch.topk(probs, top_k, dim=-1)
         m = torch.ones(probs.shape[0], device=counts.device) if mask is None else mask
-        counts = counts.scatter_add(0, idx.reshape(-1), m.repeat_interleave(top_k))
-        prob_sum = prob_sum + (probs * m[:, None]).sum(dim=0)
-        rows = rows + m.sum()
+        c = counts.new_zeros(num_experts).scatter_add(0, idx.reshape(-1), m.repeat_interleave(top_k))
+        p, n = (probs * m[:, None]).sum(dim=0), m.sum()
+        if per_layer:
+            layers.append(num_experts * torch.sum((c / n) * (p / n)))
+        counts, prob_sum, rows = counts + c, prob_sum + p, rows + n
+    if per_layer:
+        return torch.stack(layers).mean()
     return num_experts * torch.sum((counts / rows) * (prob_sum / rows))
 
 
@@ -337,7 +345,8 @@ def router_loss(router_logits, cfg: ModelConfig, token_mask: torch.Tensor | None
     """The weighted router terms a training loss adds for an MoE model:
     router_aux_loss_coef x load balancing + router_z_loss_coef x z-loss."""
     loss = cfg.router_aux_loss_coef * load_balancing_loss(router_logits, cfg.num_experts,
-                                                          cfg.num_experts_per_tok, token_mask)
+                                                          cfg.num_experts_per_tok, token_mask,
+                                                          cfg.router_aux_loss_per_layer)
     if cfg.router_z_loss_coef:
         loss = loss + cfg.router_z_loss_coef * router_z_loss(router_logits, token_mask)
     return loss

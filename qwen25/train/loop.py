@@ -55,7 +55,8 @@ def lm_loss(model: nn.Module, batch: Batch, cfg: ModelConfig, ce_chunk: int | No
     if cfg.is_moe:
         logits, router_logits = model(ids, positions=positions, output_router_logits=True)
         mask = labels != IGNORE_INDEX
-        aux = load_balancing_loss(router_logits, cfg.num_experts, cfg.num_experts_per_tok, mask)
+        aux = load_balancing_loss(router_logits, cfg.num_experts, cfg.num_experts_per_tok, mask,
+                                  cfg.router_aux_loss_per_layer)
         if cfg.router_z_loss_coef:
             z = router_z_loss(router_logits, mask)
     else:

@@ -35,7 +35,8 @@ from qwen25.train.metrics import read_metrics
 
 SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
-                "shared_expert_intermediate_size", "router_aux_loss_coef", "router_z_loss_coef")
+                "shared_expert_intermediate_size", "router_aux_loss_coef", "router_z_loss_coef",
+                "router_aux_loss_per_layer")
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class StudyConfig:
     top_k: int = 2  # experts per token k
     shared_fraction: float = 0.5  # share of the active FFN width I in the shared expert
     aux_loss_coef: float = 0.01  # load-balancing loss weight of the MoE
+    aux_loss_per_layer: bool = True  # balance each MoE layer (False: all layers pooled, as transformers does)
     tokens: int = 500_000  # training tokens per model
     seq_len: int = 128  # tokens per sequence
     batch_tokens: int = 8192  # global batch in tokens
@@ -64,7 +66,7 @@ class StudyConfig:
 
 
 def study_configs(dense: ModelConfig, num_experts: int, top_k: int, shared_fraction: float = 0.5,
-                  aux_loss_coef: float = 0.01) -> dict[str, ModelConfig]:
+                  aux_loss_coef: float = 0.01, aux_loss_per_layer: bool = True) -> dict[str, ModelConfig]:
     """{"dense-active", "moe", "dense-total"} shapes (see the module docstring)."""
     inter = dense.intermediate_size
     if not 0 < top_k <= num_experts:
@@ -79,7 +81,8 @@ def study_configs(dense: ModelConfig, num_experts: int, top_k: int, shared_fract
                         "intermediate_size so that it divides")
     width = routed // top_k
     moe = dense.replace(num_experts=num_experts, num_experts_per_tok=top_k, moe_intermediate_size=width,
-                        shared_expert_intermediate_size=shared, router_aux_loss_coef=aux_loss_coef)
+                        shared_expert_intermediate_size=shared, router_aux_loss_coef=aux_loss_coef,
+                        router_aux_loss_per_layer=aux_loss_per_layer)
     return {"dense-active": dense, "moe": moe,
             "dense-total": dense.replace(intermediate_size=shared + num_experts * width)}
 
@@ -90,7 +93,8 @@ def _dense_shape(cfg: StudyConfig) -> ModelConfig:
 
 
 def run_configs(cfg: StudyConfig) -> dict[str, PretrainConfig]:
-    shapes = study_configs(_dense_shape(cfg), cfg.num_experts, cfg.top_k, cfg.shared_fraction, cfg.aux_loss_coef)
+    shapes = study_configs(_dense_shape(cfg), cfg.num_experts, cfg.top_k, cfg.shared_fraction, cfg.aux_loss_coef,
+                            cfg.aux_loss_per_layer)
     runs = {}
     for name, mc in shapes.items():
         overrides = {**cfg.model_overrides, **{k: getattr(mc, k) for k in SHAPE_FIELDS}}

@@ -58,7 +58,7 @@ def sft_loss(model, batch: dict[str, torch.Tensor], cfg: ModelConfig, ce_chunk: 
               "logits_at": at}
     if cfg.is_moe:
         logits, router = model(batch["input_ids"], output_router_logits=True, **kwargs)
-        aux = load_balancing_loss(router, cfg.num_experts, cfg.num_experts_per_tok, at)
+        aux = load_balancing_loss(router, cfg.num_experts, cfg.num_experts_per_tok, at, cfg.router_aux_loss_per_layer)
         ce, count = cross_entropy_sum(logits, labels[at], ce_chunk)
         return ce, count, aux
     ce, count = cross_entropy_sum(model(batch["input_ids"], **kwargs), labels[at], ce_chunk)
