@@ -154,3 +154,21 @@ def test_law_file_round_trips_and_rejects_other_files(tmp_path):
         load_laws(tmp_path / "other.json")
     with pytest.raises(UserError, match="not found"):
         load_laws(tmp_path / "missing.json")
+
+
+def test_intervals_of_a_poorly_determined_law_are_infinite_not_an_overflow():
+    """A real 2-core sweep (9 cells, a 5-parameter loss law) gave a log-amplitude standard
+    error so large that exp() of the interval's upper bound overflowed, and the sweep died
+    with a traceback after writing its law file; the bound is now inf, and `describe`
+    prints it."""
+    from qwen25.train.scaling import LossLaw, PowerLaw
+    from qwen25.train.sweep import describe
+
+    big = 1e6  # variance of log A: the bound is exp(log A + q * 1000), past a float
+    loss = LossLaw(("N",), 2.0, (math.log(50.0),), (0.3,), ((0.01, 0, 0), (0, big, 0), (0, 0, 0.01)), 3, 0.01)
+    ci = loss.parameter_intervals()
+    assert ci["A_N"][0] == pytest.approx(50.0) and ci["A_N"][2] == math.inf and ci["A_N"][1] == 0.0
+    lr = PowerLaw("lr", ("N",), math.log(1e-3), (-0.5,), ((big, 0), (0, 0.01)), 4, 0.1)
+    assert lr.parameter_intervals()["coef"][2] == math.inf and lr.interval(N=1e6)[1] == math.inf
+    text = describe({"lr": lr, "batch": None, "loss": loss, "notes": {}})
+    assert "inf" in text and "lr = 0.001" in text

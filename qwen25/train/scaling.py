@@ -70,6 +70,12 @@ def t_quantile(level: float, dof: int) -> float:
     return (lo + hi) / 2
 
 
+def _exp(x: float) -> float:
+    """exp that says inf where a poorly determined fit's interval bound overflows a float
+    (math.exp raises OverflowError past ~709)."""
+    return math.exp(x) if x < 709.0 or math.isnan(x) else math.inf
+
+
 def _covariance(J: np.ndarray, resid: np.ndarray, what: str) -> tuple[np.ndarray, float]:
     """(s^2 (J^T J)^-1, s) for a least-squares fit with Jacobian J [n, p]."""
     n, p = J.shape
@@ -123,13 +129,13 @@ class PowerLaw:
         se = math.sqrt(float(row @ np.array(self.cov) @ row))
         mid = math.log(self(**x))
         q = t_quantile(level, self.dof)
-        return math.exp(mid - q * se), math.exp(mid + q * se)
+        return _exp(mid - q * se), _exp(mid + q * se)
 
     def parameter_intervals(self, level: float = 0.95) -> dict[str, tuple[float, float, float]]:
         """{"coef": (estimate, lo, hi), "N": (exponent, lo, hi), ...}."""
         q = t_quantile(level, self.dof)
         se = np.sqrt(np.diag(np.array(self.cov)))
-        out = {"coef": (self.coef, math.exp(self.log_coef - q * se[0]), math.exp(self.log_coef + q * se[0]))}
+        out = {"coef": (self.coef, _exp(self.log_coef - q * se[0]), _exp(self.log_coef + q * se[0]))}
         for i, v in enumerate(self.variables):
             a = self.exponents[i]
             out[v] = (a, a - q * se[i + 1], a + q * se[i + 1])
@@ -187,7 +193,7 @@ class LossLaw:
         for i, v in enumerate(self.variables):
             la, a = self.log_A[i], self.alpha[i]
             sa, sb = se[1 + 2 * i], se[2 + 2 * i]
-            out[f"A_{v}"] = (math.exp(la), math.exp(la - q * sa), math.exp(la + q * sa))
+            out[f"A_{v}"] = (_exp(la), _exp(la - q * sa), _exp(la + q * sa))
             out[f"alpha_{v}"] = (a, a - q * sb, a + q * sb)
         return out
 
