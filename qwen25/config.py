@@ -185,9 +185,7 @@ class ModelConfig:
     mlp_only_layers: tuple[int, ...] = ()  # ... and i is not listed here
     router_aux_loss_coef: float = 0.001  # weight of the load-balancing loss in training
     router_z_loss_coef: float = 0.0  # weight of the ST-MoE router z-loss in training (0: off; ST-MoE uses 1e-3)
-    router_aux_loss_per_layer: bool = False  # balance each MoE layer on its own (Switch, GShard) instead of
-    # the assignments of all layers pooled (transformers' Qwen2-MoE loss), which a model can satisfy while
-    # every layer leaves experts unused, as long as the layers favour different ones
+    router_aux_loss_per_layer: bool = False  # balance each layer (Switch); False: pooled as transformers (see moe.py)
     # --- long context at inference ---
     dual_chunk_attention: DCAConfig | None = None
     torch_dtype: str = "bfloat16"  # dtype the weights are stored in

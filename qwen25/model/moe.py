@@ -173,7 +173,7 @@ def _row_blocks(start: int, end: int, like: torch.Tensor) -> list[slice]:
     tensor a multiple of _ROW_BLOCK rows and the remainder (empty parts left out)."""
     if end <= start:
         return []
-    if like.device.type != "cpu" or like.dtype == torch.float32 or like.dtype == torch.float64:
+    if like.device.type != "cpu" or like.dtype in (torch.float32, torch.float64):
         return [slice(start, end)]
     cut = start + (end - start) // _ROW_BLOCK * _ROW_BLOCK
     return [r for r in (slice(start, cut), slice(cut, end)) if r.stop > r.start]
@@ -303,24 +303,32 @@ def load_balancing_loss(router_logits: list[torch.Tensor] | tuple[torch.Tensor, 
     [N], 1 = real token). Minimised by a uniform routing, where it equals top_k.
     per_layer False (transformers' Qwen2-MoE loss): f and P pooled over all MoE layers;
     True (Switch Transformer, GShard): the loss of each layer, averaged over the layers.
+    The pooled loss can be at its minimum while every layer leaves experts unused, as long
+    as the layers favour different experts (`ModelConfig.router_aux_loss_per_layer`).
     """
-    counts = torch.zeros(num_experts, dtype=torch.float32, device=router_logits[0].device)
-    prob_sum = torch.zeros_like(counts)
-    rows = torch.zeros((), dtype=torch.float32, device=counts.device)
-    layers = []
-    mask = None if token_mask is None else token_mask.reshape(-1).to(counts.device, torch.float32)
+    device = router_logits[0].device
+    mask = None if token_mask is None else token_mask.reshape(-1).to(device, torch.float32)
+    layers = []  # per layer: (assignments per expert, summed probabilities, real tokens)
     for logits in router_logits:
         probs = F.softmax(logits.float(), dim=-1)
         _, idx = torch.topk(probs, top_k, dim=-1)
-        m = torch.ones(probs.shape[0], device=counts.device) if mask is None else mask
-        c = counts.new_zeros(num_experts).scatter_add(0, idx.reshape(-1), m.repeat_interleave(top_k))
-        p, n = (probs * m[:, None]).sum(dim=0), m.sum()
-        if per_layer:
-            layers.append(num_experts * torch.sum((c / n) * (p / n)))
-        counts, prob_sum, rows = counts + c, prob_sum + p, rows + n
+        m = torch.ones(probs.shape[0], device=device) if mask is None else mask
+        counts = torch.zeros(num_experts, dtype=torch.float32, device=device).scatter_add(
+            0, idx.reshape(-1), m.repeat_interleave(top_k))
+        layers.append((counts, (probs * m[:, None]).sum(dim=0), m.sum()))
+
+    def balance(counts, prob_sum, rows):
+        return num_experts * torch.sum((counts / rows) * (prob_sum / rows))
+
     if per_layer:
-        return torch.stack(layers).mean()
-    return num_experts * torch.sum((counts / rows) * (prob_sum / rows))
+        return torch.stack([balance(*layer) for layer in layers]).mean()
+    return balance(*(sum(parts) for parts in zip(*layers)))
+
+
+def config_balance_loss(router_logits, cfg: ModelConfig, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """`load_balancing_loss` as `cfg` sets it up (experts, top-k, pooled or per layer), unweighted."""
+    return load_balancing_loss(router_logits, cfg.num_experts, cfg.num_experts_per_tok, token_mask,
+                               cfg.router_aux_loss_per_layer)
 
 
 def router_z_loss(router_logits: list[torch.Tensor] | tuple[torch.Tensor, ...],
@@ -344,9 +352,7 @@ def router_z_loss(router_logits: list[torch.Tensor] | tuple[torch.Tensor, ...],
 def router_loss(router_logits, cfg: ModelConfig, token_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The weighted router terms a training loss adds for an MoE model:
     router_aux_loss_coef x load balancing + router_z_loss_coef x z-loss."""
-    loss = cfg.router_aux_loss_coef * load_balancing_loss(router_logits, cfg.num_experts,
-                                                          cfg.num_experts_per_tok, token_mask,
-                                                          cfg.router_aux_loss_per_layer)
+    loss = cfg.router_aux_loss_coef * config_balance_loss(router_logits, cfg, token_mask)
     if cfg.router_z_loss_coef:
         loss = loss + cfg.router_z_loss_coef * router_z_loss(router_logits, token_mask)
     return loss

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from qwen25.config import ModelConfig, count_parameters
-from qwen25.model.moe import load_balancing_loss, router_z_loss
+from qwen25.model.moe import config_balance_loss, router_z_loss
 from qwen25.train import parallel
 from qwen25.train.losses import IGNORE_INDEX, cross_entropy_sum
 from qwen25.train.optim import set_lr
@@ -55,8 +55,7 @@ def lm_loss(model: nn.Module, batch: Batch, cfg: ModelConfig, ce_chunk: int | No
     if cfg.is_moe:
         logits, router_logits = model(ids, positions=positions, output_router_logits=True)
         mask = labels != IGNORE_INDEX
-        aux = load_balancing_loss(router_logits, cfg.num_experts, cfg.num_experts_per_tok, mask,
-                                  cfg.router_aux_loss_per_layer)
+        aux = config_balance_loss(router_logits, cfg, mask)
         if cfg.router_z_loss_coef:
             z = router_z_loss(router_logits, mask)
     else:

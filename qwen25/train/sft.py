@@ -37,7 +37,7 @@ from qwen25.data.chat import IGNORE_INDEX, Example, LoadReport, check_tokenizer,
 from qwen25.data.chat_batches import ChatBatches, empty_batch, layout
 from qwen25.errors import UserError
 from qwen25.model.model import Transformer
-from qwen25.model.moe import load_balancing_loss
+from qwen25.model.moe import config_balance_loss
 from qwen25.train import checkpointing as ckpt_io
 from qwen25.train import lora, parallel
 from qwen25.train.data import to_device
@@ -58,7 +58,7 @@ def sft_loss(model, batch: dict[str, torch.Tensor], cfg: ModelConfig, ce_chunk: 
               "logits_at": at}
     if cfg.is_moe:
         logits, router = model(batch["input_ids"], output_router_logits=True, **kwargs)
-        aux = load_balancing_loss(router, cfg.num_experts, cfg.num_experts_per_tok, at, cfg.router_aux_loss_per_layer)
+        aux = config_balance_loss(router, cfg, at)
         ce, count = cross_entropy_sum(logits, labels[at], ce_chunk)
         return ce, count, aux
     ce, count = cross_entropy_sum(model(batch["input_ids"], **kwargs), labels[at], ce_chunk)
