@@ -9,7 +9,7 @@ the harness checkpoints and the newest checkpoint is scored), and scores it agai
 `--order random` runs the same budget without the report's variance ordering of queries,
 for the comparison the issue asks for.
 
-    python benchmarks/grpo_speedrun.py [--model runs/speedrun/sft/final] [--minutes 10] [--order variance]
+    python benchmarks/grpo_speedrun.py [--model runs/speedrun/sft/final] [--minutes 10] [--order variance] [--headroom-only]
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch  # noqa: E402
+
 from qwen25.recipes import report_card as rc  # noqa: E402
 
 
@@ -31,6 +33,32 @@ def score(model: Path, args) -> dict:
     res = rc.evaluate_stage(model, sets, rc.heldout_instructions(args.n_if), manifest=Path(args.manifest),
                             max_new_tokens=160)
     return {k: v for k, v in res.items() if k in rc.METRICS} | {"sample": res["samples"][0]["reply"][:200]}
+
+
+@torch.no_grad()
+def headroom(model_dir: Path, args) -> dict:
+    """What GRPO can sharpen: the share of sampled answers that are right, and pass@k (a question
+    with at least one right answer among k samples), at the rollouts' temperature. Greedy accuracy
+    cannot rise past pass@k by sharpening alone, and a group with no right answer has no signal."""
+    from qwen25.checkpoint import load_model
+    from qwen25.engine import Engine, SamplingParams
+    from qwen25.engine.dispatch import Dispatcher
+    from qwen25.engine.engine import default_stop_ids
+    from qwen25.eval.tasks.math import score_math
+    from qwen25.tokenizer import load_tokenizer
+
+    probs = rc.heldout_math(args.n, rc.trained_questions(Path("data_cache")))["math_seen"]
+    model = load_model(model_dir, dtype=torch.float32).eval()
+    tok = load_tokenizer(str(model_dir))
+    prompts = [tok.apply_chat_template([{"role": "user", "content": p["question"]}], add_generation_prompt=True)
+               for p in probs]
+    stops = tuple(sorted(set(default_stop_ids(model)) | set(tok.stop_token_ids)))
+    engine = Engine(model, max_batch_size=64, max_seq_len=max(map(len, prompts)) + 161, hugepages=False)
+    params = SamplingParams(max_new_tokens=160, temperature=args.temperature, n=args.k, seed=1, stop_token_ids=stops)
+    right = [[score_math(s.text(i), rc._example(p))["exact_match_strict"] for i in range(args.k)]
+             for s, p in zip(Dispatcher(engine, tok).generate(prompts, params), probs)]
+    return {"sample_acc": sum(map(sum, right)) / (args.k * len(right)),
+            f"pass@{args.k}": sum(max(r) > 0 for r in right) / len(right)}
 
 
 def main() -> None:
@@ -45,6 +73,8 @@ def main() -> None:
     ap.add_argument("--reward", default="math_latex")
     ap.add_argument("--n", type=int, default=200, help="held-out math questions")
     ap.add_argument("--n-if", type=int, default=100, help="held-out instruction prompts")
+    ap.add_argument("--k", type=int, default=8, help="samples per question for the pass@k headroom")
+    ap.add_argument("--headroom-only", action="store_true", help="score the starting model only, no GRPO")
     ap.add_argument("--skip-before", action="store_true", help="reuse OUT/before.json")
     args = ap.parse_args()
     out = Path(args.out) / args.order
@@ -53,9 +83,11 @@ def main() -> None:
     if args.skip_before and before_file.exists():
         before = json.loads(before_file.read_text())
     else:
-        before = score(Path(args.model), args)
+        before = score(Path(args.model), args) | headroom(Path(args.model), args)
         before_file.write_text(json.dumps(before, indent=1))
     print("before:", json.dumps(before), flush=True)
+    if args.headroom_only:
+        return
 
     cmd = [sys.executable, "-m", "qwen25", "grpo", "--model", args.model, "--out", str(out / "run"),
            "--queries", "synth_math_chat", "--reward", args.reward, "--order", args.order,
