@@ -41,9 +41,6 @@ def headroom(model_dir: Path, args) -> dict:
     with at least one right answer among k samples), at the rollouts' temperature. Greedy accuracy
     cannot rise past pass@k by sharpening alone, and a group with no right answer has no signal."""
     from qwen25.checkpoint import load_model
-    from qwen25.engine import Engine, SamplingParams
-    from qwen25.engine.dispatch import Dispatcher
-    from qwen25.engine.engine import default_stop_ids
     from qwen25.eval.tasks.math import score_math
     from qwen25.tokenizer import load_tokenizer
 
@@ -52,11 +49,9 @@ def headroom(model_dir: Path, args) -> dict:
     tok = load_tokenizer(str(model_dir))
     prompts = [tok.apply_chat_template([{"role": "user", "content": p["question"]}], add_generation_prompt=True)
                for p in probs]
-    stops = tuple(sorted(set(default_stop_ids(model)) | set(tok.stop_token_ids)))
-    engine = Engine(model, max_batch_size=64, max_seq_len=max(map(len, prompts)) + 161, hugepages=False)
-    params = SamplingParams(max_new_tokens=160, temperature=args.temperature, n=args.k, seed=1, stop_token_ids=stops)
-    right = [[score_math(s.text(i), rc._example(p))["exact_match_strict"] for i in range(args.k)]
-             for s, p in zip(Dispatcher(engine, tok).generate(prompts, params), probs)]
+    replies = rc.sample_replies(model, tok, prompts, 160, temperature=args.temperature, n=args.k, seed=1)
+    right = [[score_math(text, rc._example(p))["exact_match_strict"] for text, _ in rs]
+             for rs, p in zip(replies, probs)]
     return {"sample_acc": sum(map(sum, right)) / (args.k * len(right)),
             f"pass@{args.k}": sum(max(r) > 0 for r in right) / len(right)}
 

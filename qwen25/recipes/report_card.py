@@ -97,8 +97,10 @@ def _ifeval_pass(reply: str, row: dict) -> float | None:
         return None
 
 
-def _generate(model, tok, prompts: list[list[int]], max_new_tokens: int) -> list[tuple[str, str | None]]:
-    """Greedy replies (text, finish reason) through the engine, many at a time."""
+def sample_replies(model, tok, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
+                   n: int = 1, seed: int | None = None) -> list[list[tuple[str, str | None]]]:
+    """n replies (text, finish reason) per prompt through the engine, many prompts at a time
+    (temperature 0: greedy, and n should be 1)."""
     from qwen25.engine import Engine, SamplingParams
     from qwen25.engine.dispatch import Dispatcher
     from qwen25.engine.engine import default_stop_ids
@@ -106,10 +108,16 @@ def _generate(model, tok, prompts: list[list[int]], max_new_tokens: int) -> list
     stops = tuple(sorted(set(default_stop_ids(model)) | set(tok.stop_token_ids)))
     longest = max(len(p) for p in prompts)
     limit = min(longest + max_new_tokens + 1, model.config.max_position_embeddings)
-    engine = Engine(model, max_batch_size=min(64, len(prompts)), max_seq_len=limit, hugepages=False)
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=stops)
+    engine = Engine(model, max_batch_size=min(64, len(prompts) * n), max_seq_len=limit, hugepages=False)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, n=n, seed=seed,
+                            stop_token_ids=stops)
     subs = Dispatcher(engine, tok).generate(prompts, params)
-    return [(s.text(0), s.finish_reason(0)) for s in subs]
+    return [[(s.text(i), s.finish_reason(i)) for i in range(n)] for s in subs]
+
+
+def _generate(model, tok, prompts: list[list[int]], max_new_tokens: int) -> list[tuple[str, str | None]]:
+    """Greedy replies (text, finish reason), one per prompt."""
+    return [replies[0] for replies in sample_replies(model, tok, prompts, max_new_tokens)]
 
 
 def _bpb(model, manifest: Path, source: str = "shakespeare", seq_len: int = 256) -> float | None:
