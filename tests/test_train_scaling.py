@@ -172,3 +172,26 @@ def test_intervals_of_a_poorly_determined_law_are_infinite_not_an_overflow():
     assert lr.parameter_intervals()["coef"][2] == math.inf and lr.interval(N=1e6)[1] == math.inf
     text = describe({"lr": lr, "batch": None, "loss": loss, "notes": {}})
     assert "inf" in text and "lr = 0.001" in text
+
+
+def test_optima_on_one_grid_value_print_undetermined_not_a_zero_width_interval():
+    """A real sweep's first 48 runs put every cell's lr optimum on the grid's low edge; the exact
+    fit through equal values has zero residual, and the interval printed was "-0.000 [-0.000,
+    +0.000]", a certainty the grid cannot give. The law is now said to be undetermined."""
+    from qwen25.train.sweep import describe, fit_sweep
+
+    rows = []
+    for N in (1e5, 6e5, 3e6):
+        for D in (5e4, 5e5, 5e6):
+            for lr in (1e-3, 3e-3, 1e-2):  # loss rises with lr everywhere: the optimum is 1e-3 in each cell
+                for B in (128, 512, 2048):
+                    loss = chinchilla(N, D) + 0.1 * math.log(lr / 1e-3) + 0.02 * math.log(B / batch_star(D)) ** 2
+                    rows.append({"N": N, "D": D, "lr": lr, "batch": B, "loss": loss})
+    result = fit_sweep(rows)
+    assert {o["lr"] for o in result["optima"]} == {1e-3}
+    assert "lr" in result["notes"] and "undetermined" in result["notes"]["lr"]
+    assert "batch" not in result["notes"]  # batch optima vary across D: its interval is printed
+    text = describe(result)
+    lr_line = next(line for line in text.splitlines() if line.startswith("lr ="))
+    assert "undetermined" in lr_line and "[" not in lr_line
+    assert "[" in next(line for line in text.splitlines() if line.startswith("batch ="))

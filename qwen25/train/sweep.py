@@ -442,8 +442,10 @@ def fit_sweep(rows: list[dict]) -> dict[str, Any]:
     lr_law = scaling.fit_power_law(optima, [o["lr"] for o in optima], vary, "lr")
     b_vars = ["D"] if "D" in vary else vary
     batch_law = scaling.fit_power_law(optima, [o["batch"] for o in optima], b_vars, "batch")
-    if len({o["batch"] for o in optima}) == 1:
-        notes["batch"] = "every optimum has the same batch (one batch size in the grid?): the batch law is flat"
+    for key in ("lr", "batch"):
+        if len({o[key] for o in optima}) == 1:  # the exact fit's zero-width interval would claim certainty
+            notes[key] = (f"every optimum has the same {key} ({optima[0][key]:.4g}, one grid value): the {key} "
+                          f"law is flat and its exponents are undetermined; refine the {key} grid")
     loss_law = None
     try:
         loss_law = scaling.fit_loss_law(optima, [o["loss"] for o in optima], vary)
@@ -457,6 +459,9 @@ def describe(result: dict[str, Any]) -> str:
     for key in ("lr", "batch", "loss"):
         law = result[key]
         if law is None:
+            continue
+        if key in result["notes"] and key != "loss":
+            lines.append(f"{law.formula()}   (95%: undetermined, see the note)")
             continue
         ci = law.parameter_intervals(0.95)
         spans = ", ".join(f"{k} {v[0]:.4g} [{v[1]:.4g}, {v[2]:.4g}]" for k, v in ci.items())
