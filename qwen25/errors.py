@@ -8,3 +8,7 @@ line and exits with code 2; the server turns it into a 4xx. Everything else is a
 
 class UserError(ValueError):
     """Bad input from the user; the message says what is wrong and how to fix it."""
+
+
+class ConfigError(UserError):
+    """A configuration that cannot describe a valid model (message names field and fix)."""
