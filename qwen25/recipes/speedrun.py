@@ -67,6 +67,9 @@ MIX = {"literature": 0.75, "code": 0.125, "math": 0.125}
 # beats 4,096 (more bytes per token); a global batch of 8,192 tokens beats 16,384 (2.21 vs
 # 2.33 bpb) and 32,768; peak LR 3e-3 beats 2e-3 and 5e-3; WSD with a 30% decay beats cosine.
 # Micro-batches of 8 sequences train faster than 32 on a CPU (the activations stay in cache).
+# The 6M-token cap binds on a fast host (bf16 + compile, 18.8k tokens/s); 12M fit the budget and
+# reach 1.808 bpb instead of 2.030, but the stiffer base then learns less in SFT (instruction
+# following 44% vs 64%, 60% vs 70% at the end; measured 2026-12-04, see post_training.py).
 CPU = Profile(
     name="cpu", vocab_size=8192, tokenizer_chars=8_000_000, budget_s=20 * 60, max_tokens=6_000_000,
     stage_shares=(0.85, 0.15), candidates=(("fp32", 8), ("bf16", 8), ("bf16", 8, "compile")),
