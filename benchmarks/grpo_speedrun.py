@@ -28,30 +28,25 @@ import torch  # noqa: E402
 from qwen25.recipes import report_card as rc  # noqa: E402
 
 
-def score(model: Path, args) -> dict:
-    sets = rc.heldout_math(args.n, rc.trained_questions(Path("data_cache")))
+def score(model: Path, sets: dict, args) -> dict:
     res = rc.evaluate_stage(model, sets, rc.heldout_instructions(args.n_if), manifest=Path(args.manifest),
                             max_new_tokens=160)
     return {k: v for k, v in res.items() if k in rc.METRICS} | {"sample": res["samples"][0]["reply"][:200]}
 
 
 @torch.no_grad()
-def headroom(model_dir: Path, args) -> dict:
+def headroom(model_dir: Path, problems: list[dict], args) -> dict:
     """What GRPO can sharpen: the share of sampled answers that are right, and pass@k (a question
     with at least one right answer among k samples), at the rollouts' temperature. Greedy accuracy
     cannot rise past pass@k by sharpening alone, and a group with no right answer has no signal."""
     from qwen25.checkpoint import load_model
-    from qwen25.eval.tasks.math import score_math
     from qwen25.tokenizer import load_tokenizer
 
-    probs = rc.heldout_math(args.n, rc.trained_questions(Path("data_cache")))["math_seen"]
     model = load_model(model_dir, dtype=torch.float32).eval()
     tok = load_tokenizer(str(model_dir))
-    prompts = [tok.apply_chat_template([{"role": "user", "content": p["question"]}], add_generation_prompt=True)
-               for p in probs]
+    prompts = [rc.chat_prompt(tok, p["question"]) for p in problems]
     replies = rc.sample_replies(model, tok, prompts, 160, temperature=args.temperature, n=args.k, seed=1)
-    right = [[score_math(text, rc._example(p))["exact_match_strict"] for text, _ in rs]
-             for rs, p in zip(replies, probs)]
+    right = [[rc.math_right(text, p) for text, _ in rs] for rs, p in zip(replies, problems)]
     return {"sample_acc": sum(map(sum, right)) / (args.k * len(right)),
             f"pass@{args.k}": sum(max(r) > 0 for r in right) / len(right)}
 
@@ -75,10 +70,11 @@ def main() -> None:
     out = Path(args.out) / args.order
     out.mkdir(parents=True, exist_ok=True)
     before_file = Path(args.out) / "before.json"
+    sets = rc.heldout_math(args.n, rc.trained_questions(Path("data_cache")))
     if args.skip_before and before_file.exists():
         before = json.loads(before_file.read_text())
     else:
-        before = score(Path(args.model), args) | headroom(Path(args.model), args)
+        before = score(Path(args.model), sets, args) | headroom(Path(args.model), sets["math_seen"], args)
         before_file.write_text(json.dumps(before, indent=1))
     print("before:", json.dumps(before), flush=True)
     if args.headroom_only:
@@ -104,7 +100,7 @@ def main() -> None:
     final = out / "run" / "final"
     if not (final / "config.json").exists():
         final = export_model(last.path, final)
-    after = score(final, args)
+    after = score(final, sets, args)
     rollouts = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()
                 if '"rollout"' in line]
     rollouts = [r for r in rollouts if r.get("kind") == "rollout"]

@@ -9,6 +9,7 @@ kernel: under the full suite a default-settings step once faulted 2,712 times in
 (transparent huge pages count 512 pages as one fault), so faults only bound the setting's side."""
 
 import json
+import resource
 import subprocess
 import sys
 import textwrap
@@ -51,7 +52,6 @@ def _step(mode: str) -> dict:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a glibc setting")
 def test_repeated_steps_reuse_freed_pages():
-    import resource
     pages = (sum(SIZES_MB) + 32) * (1 << 20) // resource.getpagesize()
     big = sum(n for n in SIZES_MB if n > MMAP_MAX_MB) << 20
     default, setting = _step("default"), _step("setting")

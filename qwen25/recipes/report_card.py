@@ -80,6 +80,18 @@ def _example(p: dict):
                       target=str(p["answer"]))
 
 
+def chat_prompt(tok, content: str) -> list[int]:
+    """Token ids of one user turn in the chat template, ready for the assistant's reply."""
+    return tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+def math_right(reply: str, p: dict) -> float:
+    """1.0 when the reply's last \\boxed{} equals problem p's answer (the card's strict match)."""
+    from qwen25.eval.tasks.math import score_math
+
+    return score_math(reply, _example(p))["exact_match_strict"]
+
+
 def _boxed_number(text: str) -> bool:
     from qwen25.eval.tasks.math import _as_number, last_boxed, normalize_latex
 
@@ -142,22 +154,19 @@ def evaluate_stage(model_dir: Path, sets: dict[str, list[dict]], instructions: l
                    base_format: bool = False) -> dict[str, Any]:
     """The card's metrics for one checkpoint folder (model + tokenizer), plus samples."""
     from qwen25.checkpoint import load_model
-    from qwen25.eval.tasks.math import score_math, score_number
+    from qwen25.eval.tasks.math import score_number
     from qwen25.tokenizer import load_tokenizer
 
     model = load_model(model_dir, dtype=torch.float32).eval()
     tok = load_tokenizer(str(model_dir))
-    chat = lambda content: tok.apply_chat_template([{"role": "user", "content": content}],  # noqa: E731
-                                                   add_generation_prompt=True)
     res: dict[str, Any] = {"model": str(model_dir)}
     replies: dict[str, list[tuple[str, str | None]]] = {}
     for name, problems in sets.items():
-        replies[name] = _generate(model, tok, [chat(p["question"]) for p in problems], max_new_tokens)
-        res[name] = sum(score_math(text, _example(p))
-                        ["exact_match_strict"] for (text, _), p in zip(replies[name], problems)) / len(problems)
+        replies[name] = _generate(model, tok, [chat_prompt(tok, p["question"]) for p in problems], max_new_tokens)
+        res[name] = sum(math_right(text, p) for (text, _), p in zip(replies[name], problems)) / len(problems)
     seen = replies["math_seen"]
     res["format"] = sum(reason == "stop" and _boxed_number(text) for text, reason in seen) / len(seen)
-    if_replies = _generate(model, tok, [chat(r["messages"][0]["content"]) for r in instructions], max_new_tokens)
+    if_replies = _generate(model, tok, [chat_prompt(tok, r["messages"][0]["content"]) for r in instructions], max_new_tokens)
     passes = [_ifeval_pass(text, row) for (text, _), row in zip(if_replies, instructions)]
     res["ifeval"] = None if None in passes else sum(passes) / len(passes)
     res["bpb"] = _bpb(model, manifest)
