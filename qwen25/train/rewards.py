@@ -8,6 +8,7 @@ and the total is their weighted sum:
     "math_answer"                 the synthetic-math / GSM8K answer, strict format (0 or 1)
     "math_answer,format:0.2"      plus 0.2 for stating an answer in the asked format
     "math_answer,rm:runs/rm:0.5"  plus 0.5 x the reward model's score
+    "math_latex,solution_f1:0.5"  plus 0.5 x the share of the worked solution's numbers written
 
 A reward that raises or returns a non-finite value does not stop the run: the sample is
 dropped from the update and counted (`RewardError` carries why), as a broken verifier on
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qwen25.errors import UserError
+from qwen25.train.solution_reward import solution_f1
 
 RewardFn = Callable[[str, str, Any], float]
 
@@ -119,6 +121,7 @@ BUILTIN: dict[str, tuple[RewardFn, str]] = {
     "answer_format": (_answer_format, "a final answer in the query's own set's format: \\boxed{N} or 'the answer is N' (0/1)"),
     "humaneval": (_humaneval, "HumanEval tests pass in the sandbox (0/1)"),
     "mbpp": (_mbpp, "MBPP asserts pass in the sandbox (0/1)"),
+    "solution_f1": (solution_f1, "F1 of the reply's numbers against the worked solution's (0-1, partial credit)"),
 }
 
 
