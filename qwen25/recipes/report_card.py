@@ -30,9 +30,10 @@ from typing import Any
 
 import torch
 
-METRICS = ("math_seen", "math_new", "format", "ifeval", "bpb", "rm_score")
+METRICS = ("math_seen", "math_new", "format", "ifeval", "bpb", "rm_score", "question_use")
 LABELS = {"math_seen": "math (seen families)", "math_new": "math (new families)", "format": "answer format",
-          "ifeval": "instruction following", "bpb": "Shakespeare bits/byte", "rm_score": "reward-model score"}
+          "ifeval": "instruction following", "bpb": "Shakespeare bits/byte", "rm_score": "reward-model score",
+          "question_use": "question use (nats/token)"}
 # Index ranges of the training families the speedrun trains on (SFT rows start at 0, the
 # instruction rows and pair queries at 100,000, GRPO queries at 0); held-out questions are
 # drawn from HELD_OUT_START on and must differ from every question of these ranges.
@@ -154,6 +155,7 @@ def evaluate_stage(model_dir: Path, sets: dict[str, list[dict]], instructions: l
                    base_format: bool = False) -> dict[str, Any]:
     """The card's metrics for one checkpoint folder (model + tokenizer), plus samples."""
     from qwen25.checkpoint import load_model
+    from qwen25.eval.question_use import question_use
     from qwen25.eval.tasks.math import score_number
     from qwen25.tokenizer import load_tokenizer
 
@@ -170,6 +172,7 @@ def evaluate_stage(model_dir: Path, sets: dict[str, list[dict]], instructions: l
     passes = [_ifeval_pass(text, row) for (text, _), row in zip(if_replies, instructions)]
     res["ifeval"] = None if None in passes else sum(passes) / len(passes)
     res["bpb"] = _bpb(model, manifest)
+    res["question_use"] = question_use(model, lambda q: chat_prompt(tok, q), tok.encode, sets["math_seen"])
     if reward_model is not None:  # a scorer from `load_reward_scorer`
         scores = []
         for (text, _), p in zip(seen, sets["math_seen"]):
@@ -197,6 +200,8 @@ def card_markdown(card: dict[str, dict]) -> list[str]:
             return "n/a"
         if metric in ("bpb", "rm_score"):
             return f"{v:.3f}"
+        if metric == "question_use":
+            return f"{v:.2f}"
         return f"{100 * v:.1f}%"
 
     lines = ["| stage | " + " | ".join(LABELS[m] for m in METRICS) + " |",
@@ -210,7 +215,10 @@ def card_markdown(card: dict[str, dict]) -> list[str]:
     base = card.get("base", {})
     lines += ["", f"{meta.get('math', '?')} held-out math questions per set, {meta.get('instructions', '?')} "
               "instruction prompts, greedy, chat template. Math is strict: the last \\boxed{} must equal the "
-              "answer. The reward model (trained after DPO) scores every stage's math replies. One question is "
+              "answer. The reward model (trained after DPO) scores every stage's math replies. Question use is how "
+              "much better the seen-family worked solutions are predicted after their own question than after "
+              "another question of the family (nats per token; near 0: the replies ignore the question's "
+              "numbers, `qwen25.eval.question_use`). One question is "
               f"{100 / n_math:.1f} points of a math column and {100 / n_if:.1f} of instruction following: "
               "differences of a few such steps are noise."]
     if base.get("math_seen_completion") is not None:
